@@ -1,0 +1,216 @@
+"""The one interface that extract, teach and finetune speak to.
+
+A backend turns conversations (lists of ``{"role", "content"}`` messages) into completions.
+In-process backends (torch, mlx, llamacpp) load a model; server backends talk to an
+endpoint. Everything engine-specific stays behind this interface.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, ClassVar
+
+from localforge.errors import LocalforgeError
+
+Message = dict[str, str]
+Conversation = list[Message]
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+class BackendError(LocalforgeError):
+    """Base of all backend errors; the message says what to do."""
+
+
+class BackendUnavailable(BackendError):
+    """The engine is not installed, the server does not answer, or the device is missing."""
+
+
+class BackendTimeout(BackendError):
+    """A request took longer than its timeout."""
+
+
+class InvalidResponse(BackendError):
+    """The engine answered with something that is not a usable completion."""
+
+
+class Unsupported(BackendError):
+    """The backend cannot do what was asked (a parameter, a capability)."""
+
+
+# --- plain data -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Sampling parameters shared by every backend.
+
+    ``temperature == 0`` means greedy decoding. ``json_schema`` asks for output constrained to
+    a JSON schema where the backend can (see ``Capabilities.json_schema``).
+    """
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    json_schema: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise LocalforgeError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise LocalforgeError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise LocalforgeError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def with_(self, **changes: Any) -> GenerationParams:
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+@dataclass
+class ChatResult:
+    """One completion: the text, its token usage, why it ended and how long it took."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of sequence or a stop string) or "length"
+    latency_s: float
+    backend: str = ""
+    model: str = ""
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    batching: bool = False  # one call generates several conversations together
+    json_schema: bool = False  # output can be constrained to a JSON schema
+    lora_training: bool = False  # the engine can train LoRA adapters here
+    grpo: bool = False  # the engine can run GRPO
+    needs: tuple[str, ...] = field(default=())  # model formats it loads: "hf", "gguf", "served"
+
+
+@dataclass(frozen=True)
+class Health:
+    ok: bool
+    detail: str
+
+
+# --- the interface --------------------------------------------------------------------------
+
+
+class Backend(ABC):
+    """Subclasses implement ``_generate`` for a batch of conversations; the rest is shared."""
+
+    name: ClassVar[str] = ""
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def __init__(self, model: str, **options: Any):
+        self.model_ref = model
+        self.options = options
+
+    # Subclasses: generate one completion per conversation, in order.
+    @abstractmethod
+    def _generate(
+        self, conversations: list[Conversation], params: GenerationParams
+    ) -> list[ChatResult]: ...
+
+    def chat(
+        self,
+        conversations: Conversation | Sequence[Conversation],
+        params: GenerationParams | None = None,
+        **overrides: Any,
+    ) -> ChatResult | list[ChatResult]:
+        """Complete one conversation (returns a ``ChatResult``) or a batch (returns a list).
+
+        ``overrides`` are ``GenerationParams`` fields, e.g. ``chat(msgs, max_tokens=32)``.
+        """
+        params = (params or GenerationParams()).with_(**overrides)
+        single = _is_conversation(conversations)
+        batch = [conversations] if single else [list(c) for c in conversations]
+        for i, conv in enumerate(batch):
+            _check_conversation(conv, i)
+        if params.json_schema is not None and not self.capabilities.json_schema:
+            raise Unsupported(
+                f"backend '{self.name}' cannot constrain output to a JSON schema; "
+                "use a backend that can (see `localforge doctor`) or drop json_schema"
+            )
+        results = self._generate(batch, params) if batch else []
+        return results[0] if single else results
+
+    def health(self) -> Health:
+        """A cheap check that the backend can answer; never raises."""
+        try:
+            self.chat([{"role": "user", "content": "Hi"}], max_tokens=1)
+            return Health(True, "ok")
+        except Exception as exc:  # noqa: BLE001 - health reports, it never raises
+            return Health(False, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+    def close(self) -> None:
+        """Release the model or connection. Safe to call twice."""
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --- helpers shared by backends -----------------------------------------------------------
+
+
+def _is_conversation(obj: Any) -> bool:
+    """A list of message dicts (one conversation), as opposed to a batch; [] is an empty batch."""
+    return isinstance(obj, list | tuple) and len(obj) > 0 and isinstance(obj[0], dict)
+
+
+def _check_conversation(conv: Conversation, index: int) -> None:
+    if not conv:
+        raise LocalforgeError(f"conversation {index} is empty: give at least one message")
+    for j, msg in enumerate(conv):
+        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+            raise LocalforgeError(
+                f"conversation {index}, message {j}: expected {{'role': ..., 'content': ...}}"
+            )
+        if msg["role"] not in ("system", "user", "assistant", "tool"):
+            raise LocalforgeError(
+                f"conversation {index}, message {j}: unknown role '{msg['role']}' "
+                "(use system, user, assistant or tool)"
+            )
+
+
+def truncate_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """Cut ``text`` at the earliest stop string; return the text and whether one was found."""
+    cut = min((i for s in stop if s and (i := text.find(s)) >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+class Timer:
+    """``with Timer() as t: ...; t.seconds``"""
+
+    def __enter__(self) -> Timer:
+        self._t0 = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self._t0

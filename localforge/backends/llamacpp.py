@@ -1,0 +1,94 @@
+"""llama.cpp in-process, through llama-cpp-python, on a GGUF file."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from localforge.backends.base import (
+    Backend,
+    BackendUnavailable,
+    Capabilities,
+    ChatResult,
+    Conversation,
+    GenerationParams,
+    InvalidResponse,
+    Timer,
+    Unsupported,
+)
+from localforge.models import resolve
+
+
+class LlamaCppBackend(Backend):
+    name = "llamacpp"
+    capabilities = Capabilities(batching=False, json_schema=True, needs=("gguf",))
+
+    def __init__(
+        self,
+        model: str,
+        n_ctx: int = 4096,
+        threads: int | None = None,
+        n_gpu_layers: int = -1,
+        **options: Any,
+    ):
+        super().__init__(model, **options)
+        resolved = resolve(model)
+        if not resolved.gguf_path:
+            raise Unsupported(
+                f"backend 'llamacpp' loads .gguf files and model '{model}' has none: "
+                "use --backend torch or mlx, or pass a .gguf file"
+            )
+        try:
+            from llama_cpp import Llama
+        except ImportError as exc:
+            raise BackendUnavailable(
+                f"backend 'llamacpp' cannot import llama_cpp ({exc}): pip install 'localforge[llamacpp]'"
+            ) from exc
+        self.model_name = resolved.name
+        self.llm = Llama(
+            model_path=resolved.gguf_path,
+            n_ctx=n_ctx,
+            n_threads=threads or int(os.environ.get("LOCALFORGE_THREADS", 0)) or None,
+            n_gpu_layers=n_gpu_layers,
+            verbose=False,
+        )
+
+    def _generate(self, conversations: list[Conversation], params: GenerationParams) -> list[ChatResult]:
+        return [self._one(conv, params) for conv in conversations]
+
+    def _one(self, conv: Conversation, params: GenerationParams) -> ChatResult:
+        kwargs: dict[str, Any] = dict(
+            messages=conv,
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=0,  # plain temperature + top-p, as on the other backends
+            min_p=0.0,
+            repeat_penalty=1.0,
+            stop=list(params.stop) or None,
+            seed=params.seed,
+        )
+        if params.json_schema is not None:
+            kwargs["response_format"] = {"type": "json_object", "schema": params.json_schema}
+        with Timer() as t:
+            out = self.llm.create_chat_completion(**kwargs)
+        try:
+            choice = out["choices"][0]
+            usage = out["usage"]
+            return ChatResult(
+                text=choice["message"]["content"] or "",
+                prompt_tokens=int(usage["prompt_tokens"]),
+                completion_tokens=int(usage["completion_tokens"]),
+                finish_reason="length" if choice.get("finish_reason") == "length" else "stop",
+                latency_s=t.seconds,
+                backend=self.name,
+                model=self.model_name,
+            )
+        except (KeyError, IndexError, TypeError) as exc:
+            raise InvalidResponse(f"llama.cpp returned an unexpected completion: {exc!r}") from exc
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            llm.close()
+            self.llm = None

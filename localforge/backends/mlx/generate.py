@@ -1,0 +1,92 @@
+"""mlx-lm generation: Metal on Apple Silicon, the CPU elsewhere (mlx[cpu]).
+
+One conversation streams through ``mlx_lm.stream_generate`` (stop strings end it early); a
+batch goes through ``mlx_lm.batch_generate`` (continuous batching).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from localforge.backends.base import (
+    Backend,
+    Capabilities,
+    ChatResult,
+    Conversation,
+    GenerationParams,
+    Timer,
+    truncate_at_stop,
+)
+from localforge.models import ensure_hf, resolve
+
+
+class MLXBackend(Backend):
+    name = "mlx"
+    capabilities = Capabilities(batching=True, json_schema=False, lora_training=True, needs=("hf",))
+
+    def __init__(self, model: str, **options: Any):
+        super().__init__(model, **options)
+        resolved = resolve(model)
+        path = ensure_hf(resolved)
+        import mlx.core as mx
+        import mlx_lm
+
+        self._mx, self._mlx_lm = mx, mlx_lm
+        self.model_name = resolved.name
+        self.model, self.tokenizer = mlx_lm.load(path)
+
+    def prompt_ids(self, conv: Conversation) -> list[int]:
+        text = self.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _sampler(self, params: GenerationParams):
+        from mlx_lm.sample_utils import make_sampler
+
+        return make_sampler(temp=params.temperature, top_p=params.top_p if params.top_p < 1 else 0.0)
+
+    def _generate(self, conversations: list[Conversation], params: GenerationParams) -> list[ChatResult]:
+        if params.seed is not None:
+            self._mx.random.seed(params.seed)
+        prompts = [self.prompt_ids(c) for c in conversations]
+        if len(prompts) == 1:
+            return [self._stream_one(prompts[0], params)]
+        return self._batch(prompts, params)
+
+    def _result(self, text: str, n_prompt: int, n_gen: int, finish: str, seconds: float) -> ChatResult:
+        return ChatResult(text, n_prompt, n_gen, finish, seconds, self.name, self.model_name)
+
+    def _stream_one(self, prompt: list[int], params: GenerationParams) -> ChatResult:
+        text, n_gen, finish = "", 0, "length"
+        with Timer() as t:
+            for resp in self._mlx_lm.stream_generate(
+                self.model, self.tokenizer, prompt, max_tokens=params.max_tokens,
+                sampler=self._sampler(params),
+            ):
+                text += resp.text
+                n_gen = resp.generation_tokens
+                if params.stop:
+                    text, hit = truncate_at_stop(text, params.stop)
+                    if hit:
+                        finish = "stop"
+                        break
+                if resp.finish_reason is not None:
+                    finish = resp.finish_reason
+                    if finish == "stop":
+                        n_gen -= 1  # the end-of-sequence token is not part of the answer
+        return self._result(text, len(prompt), n_gen, finish, t.seconds)
+
+    def _batch(self, prompts: list[list[int]], params: GenerationParams) -> list[ChatResult]:
+        with Timer() as t:
+            out = self._mlx_lm.batch_generate(
+                self.model, self.tokenizer, prompts, max_tokens=params.max_tokens,
+                sampler=self._sampler(params), return_token_ids=True,
+            )
+        results = []
+        for prompt, text, ids in zip(prompts, out.texts, out.token_ids, strict=True):
+            text, hit = truncate_at_stop(text, params.stop)
+            finish = "length" if len(ids) >= params.max_tokens and not hit else "stop"
+            results.append(self._result(text, len(prompt), len(ids), finish, t.seconds))
+        return results
+
+    def close(self) -> None:
+        self.model = None

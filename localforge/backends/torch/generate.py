@@ -1,0 +1,141 @@
+"""torch/transformers generation on CPU, CUDA or MPS, batched with left padding."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from localforge.backends.base import (
+    Backend,
+    BackendUnavailable,
+    Capabilities,
+    ChatResult,
+    Conversation,
+    GenerationParams,
+    Timer,
+    truncate_at_stop,
+)
+from localforge.models import ensure_hf, quiet_transformers, resolve
+
+
+def pick_device(requested: str | None = None) -> str:
+    import torch
+
+    if requested and requested != "auto":
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendUnavailable(f"device '{requested}' asked for, but torch sees no CUDA GPU: use --device cpu")
+        if requested == "mps" and not torch.backends.mps.is_available():
+            raise BackendUnavailable("device 'mps' asked for, but torch sees no MPS: use --device cpu")
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(device: str, requested: str | None = None):
+    import torch
+
+    if requested and requested != "auto":
+        try:
+            return getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(requested, requested))
+        except AttributeError:
+            raise BackendUnavailable(f"unknown dtype '{requested}': use auto, fp32, bf16 or fp16") from None
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def set_threads(threads: int | None) -> None:
+    """Set torch's intra-op threads from the argument or $LOCALFORGE_THREADS (else torch's default)."""
+    import torch
+
+    n = threads or int(os.environ.get("LOCALFORGE_THREADS", 0) or 0)
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    capabilities = Capabilities(batching=True, json_schema=False, lora_training=True, grpo=True, needs=("hf",))
+
+    def __init__(
+        self,
+        model: str,
+        device: str | None = None,
+        dtype: str | None = None,
+        threads: int | None = None,
+        **options: Any,
+    ):
+        super().__init__(model, **options)
+        resolved = resolve(model)
+        path = ensure_hf(resolved)
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        set_threads(threads)
+        quiet_transformers()
+        self.model_name = resolved.name
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(self.device, dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.eos_ids.add(self.tokenizer.eos_token_id)
+        self._torch = torch
+
+    def prompt_text(self, conv: Conversation) -> str:
+        return self.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+
+    def _generate(self, conversations: list[Conversation], params: GenerationParams) -> list[ChatResult]:
+        torch = self._torch
+        prompts = [self.prompt_text(c) for c in conversations]
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=params.max_tokens,
+            pad_token_id=self.tokenizer.pad_token_id,
+            do_sample=not params.greedy,
+        )
+        if params.greedy:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
+        if params.stop:
+            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        with Timer() as t, torch.inference_mode():
+            out = self.model.generate(**enc, **kwargs)
+        width = enc["input_ids"].shape[1]
+        prompt_lens = enc["attention_mask"].sum(dim=1).tolist()
+        results = []
+        for row, n_prompt in zip(out[:, width:].tolist(), prompt_lens, strict=True):
+            n, hit_eos = len(row), False
+            for i, tok in enumerate(row):
+                if tok in self.eos_ids:
+                    n, hit_eos = i, True
+                    break
+            text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
+            text, hit_stop = truncate_at_stop(text, params.stop)
+            results.append(
+                ChatResult(
+                    text=text,
+                    prompt_tokens=int(n_prompt),
+                    completion_tokens=n,
+                    finish_reason="stop" if hit_eos or hit_stop else "length",
+                    latency_s=t.seconds,
+                    backend=self.name,
+                    model=self.model_name,
+                )
+            )
+        return results
+
+    def close(self) -> None:
+        self.model = None

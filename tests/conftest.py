@@ -1,0 +1,45 @@
+"""Shared fixtures. Real parts only: the bundled SmolLM2-135M model, real engines, real files.
+
+The GGUF -> HF conversion is done once and cached on disk (under $LOCALFORGE_CACHE or the user
+cache), so later runs and later tests reuse it. Loaded backends are session-scoped.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import MODEL
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """The bundled model resolved, with its HF folder converted (once, cached on disk)."""
+    from localforge.models import ensure_hf, resolve
+
+    model = resolve(MODEL)
+    ensure_hf(model)
+    return model
+
+
+@pytest.fixture(scope="session")
+def torch_backend(smol):
+    from localforge.backends import get_backend
+
+    with get_backend("torch", MODEL) as backend:
+        yield backend
+
+
+@pytest.fixture(scope="session")
+def mlx_backend(smol):
+    from localforge.backends import get_backend
+
+    with get_backend("mlx", MODEL) as backend:
+        yield backend
+
+
+@pytest.fixture(scope="session")
+def llamacpp_backend():
+    from localforge.backends import get_backend
+
+    with get_backend("llamacpp", MODEL) as backend:
+        yield backend

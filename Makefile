@@ -8,6 +8,14 @@ PIP    := $(BIN)/python -m pip install --constraint constraints.txt
 
 .PHONY: demo test lint bench clean
 
+# llama-cpp-python builds from source. On Linux x86-64 build for AVX2 rather than -march=native:
+# native builds use AMX on recent Xeons, and in VMs that advertise AMX without allowing it every
+# prompt longer than one token crashes (SIGSEGV). Set CMAKE_ARGS yourself to override.
+ifeq ($(shell uname -s)-$(shell uname -m),Linux-x86_64)
+CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+export CMAKE_ARGS
+endif
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"

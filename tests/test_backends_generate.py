@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from localforge.backends import ChatResult, GenerationParams, Unsupported, get_backend
-from tests.helpers import MESSAGES, MODEL, run_cli
+from tests.helpers import MESSAGES, MODEL, ONE_SENTENCE, QUESTION, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -17,9 +17,9 @@ def backend(request):
     return request.getfixturevalue(f"{request.param}_backend")
 
 
-@pytest.mark.parametrize("name", BACKENDS)
-def test_cli_answers_paris(name, smol):
-    out = run_cli("generate", "What is the capital of France?", "--backend", name,
+@pytest.mark.parametrize("name, prompt", [("torch", QUESTION), ("mlx", QUESTION), ("llamacpp", ONE_SENTENCE)])
+def test_cli_answers_paris(name, prompt, smol):
+    out = run_cli("generate", prompt, "--backend", name,
                   "--model", MODEL, "--temperature", "0", "--max-tokens", "24")
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
@@ -43,7 +43,7 @@ def test_result_carries_usage_and_finish_reason(backend):
 def test_stop_string_ends_the_answer(backend):
     r = backend.chat(MESSAGES, max_tokens=24, stop=["Paris"])
     assert "Paris" not in r.text and r.finish_reason == "stop"
-    assert "capital of France" in r.text
+    assert r.text.startswith("The capital of France is")
 
 
 @pytest.mark.parametrize("backend", ["torch", "mlx"], indirect=True)

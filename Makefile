@@ -30,7 +30,7 @@ $(VENV)/.dev-installed: $(BIN)/python pyproject.toml constraints.txt
 
 demo: $(VENV)/.demo-installed
 	$(BIN)/localforge doctor
-	$(BIN)/localforge generate "What is the capital of France?" --model smollm2-135m --max-tokens 64 --verbose
+	$(BIN)/localforge generate "What is the capital of France? Answer in one sentence." --model smollm2-135m --max-tokens 64 --verbose
 
 test: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest

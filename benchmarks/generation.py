@@ -38,6 +38,9 @@ def raw_torch(hf_path: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from localforge.models import quiet_transformers
+
+    quiet_transformers()
     tok = AutoTokenizer.from_pretrained(hf_path)
     model = AutoModelForCausalLM.from_pretrained(hf_path, dtype=torch.float32).eval()
     eos = tok.eos_token_id

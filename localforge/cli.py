@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -55,12 +55,12 @@ def generate(
     prompt: Annotated[str, typer.Argument(help="The user message.")],
     backend: Annotated[str, typer.Option("--backend", "-b", help="auto, torch, mlx, llamacpp, ...")] = "auto",
     model: Annotated[str, typer.Option("--model", "-m", help="Alias, HF folder, .gguf file or cached repo id.")] = "smollm2-135m",
-    system: Annotated[Optional[str], typer.Option("--system", "-s", help="A system message.")] = None,  # noqa: UP007
+    system: Annotated[str | None, typer.Option("--system", "-s", help="A system message.")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1)] = 256,
     temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0)] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 1.0,
-    seed: Annotated[Optional[int], typer.Option("--seed")] = None,  # noqa: UP007
-    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string (repeatable).")] = None,  # noqa: UP007
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop string (repeatable).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print usage and timing to stderr.")] = False,
 ) -> None:
     """Answer one prompt with a local model and print the answer."""

@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -60,7 +60,6 @@ class ResolvedModel:
     hf_path: str | None = None  # a HF folder, when one exists (or is converted)
     served_name: str | None = None  # the name to send to a server backend
     description: str = ""
-    extra: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,13 +89,13 @@ def resolve(ref: str, *, allow_served: bool = False) -> ResolvedModel:
     path = Path(ref).expanduser()
     if path.exists():
         return _resolve_path(ref, path)
-    if ref.endswith(".gguf") or os.sep in ref and ref.startswith((".", os.sep, "~")):
+    if ref.endswith(".gguf") or ref.startswith((".", os.sep, "~")):
         raise ModelNotFound(f"model file or folder '{ref}' does not exist: check the path")
 
     if _looks_like_repo_id(ref):
         cached = _hf_cache_snapshot(ref)
-        if cached is not None:
-            return ResolvedModel(ref, "hf_cache", ref, hf_path=str(cached))
+        if cached is not None:  # a HF folder, or a GGUF repo: resolve it like a local folder
+            return replace(_resolve_path(ref, cached), kind="hf_cache", name=ref)
         if allow_served:
             return ResolvedModel(ref, "served", ref, served_name=ref)
         raise ModelNotFound(
@@ -173,10 +172,10 @@ def _hf_cache_snapshot(repo_id: str) -> Path | None:
     ref_file = repo / "refs" / "main"
     if ref_file.is_file():
         snap = repo / "snapshots" / ref_file.read_text().strip()
-        if _is_hf_folder(snap):
+        if snap.is_dir():
             return snap
-    snaps = sorted((repo / "snapshots").glob("*/config.json"), key=lambda p: p.stat().st_mtime)
-    return snaps[-1].parent if snaps else None
+    snaps = sorted((repo / "snapshots").glob("*/"), key=lambda p: p.stat().st_mtime)
+    return snaps[-1] if snaps else None
 
 
 # --- GGUF -> HF conversion ------------------------------------------------------------------
@@ -271,6 +270,15 @@ def _portable_config(cfg: dict) -> dict:
     if rope_type and rope_type != "default" and "rope_scaling" not in cfg:
         cfg["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
     return cfg
+
+
+def portable_overrides(hf_path: str) -> dict:
+    """Config keys an engine that reads older config layouts (mlx-lm) needs added for ``hf_path``.
+
+    Applies the same fix as conversion to any HF folder, e.g. one saved by transformers 5.
+    """
+    cfg = json.loads((Path(hf_path) / "config.json").read_text())
+    return {k: v for k, v in _portable_config(dict(cfg)).items() if k not in cfg}
 
 
 def list_models() -> list[dict]:

@@ -45,6 +45,11 @@ def test_stop_string_ends_the_answer(backend):
     assert "Paris" not in r.text and r.finish_reason == "stop"
     assert r.text.startswith("The capital of France is")
 
+    count = backend.chat([{"role": "user", "content": "Count from 1 to 20, comma separated."}],
+                         max_tokens=40, stop=["5"])
+    assert count.text.startswith("1, 2, 3, 4") and "5" not in count.text
+    assert count.completion_tokens < 20  # generation stopped there, not just the text
+
 
 @pytest.mark.parametrize("backend", ["torch", "mlx"], indirect=True)
 def test_batch_matches_one_by_one_under_greedy(backend):

@@ -41,6 +41,15 @@ def test_cached_hub_repo_resolves_offline(tmp_path, monkeypatch):
     assert (m.kind, m.hf_path) == ("hf_cache", str(snap))
 
 
+def test_cached_gguf_repo_resolves_to_its_file(tmp_path, monkeypatch):
+    snap = tmp_path / "models--acme--tiny-GGUF" / "snapshots" / "def456"
+    snap.mkdir(parents=True)
+    (snap / "tiny.Q4_K_M.gguf").write_bytes(b"GGUF")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    m = resolve("acme/tiny-GGUF")
+    assert (m.kind, m.gguf_path, m.hf_path) == ("hf_cache", str(snap / "tiny.Q4_K_M.gguf"), None)
+
+
 def test_uncached_hub_repo_fails_at_once(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     t0 = time.perf_counter()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, ClassVar
 
 from localforge.errors import LocalforgeError
@@ -106,7 +106,6 @@ class Capabilities:
     json_schema: bool = False  # output can be constrained to a JSON schema
     lora_training: bool = False  # the engine can train LoRA adapters here
     grpo: bool = False  # the engine can run GRPO
-    needs: tuple[str, ...] = field(default=())  # model formats it loads: "hf", "gguf", "served"
 
 
 @dataclass(frozen=True)
@@ -165,7 +164,7 @@ class Backend(ABC):
         except Exception as exc:  # noqa: BLE001 - health reports, it never raises
             return Health(False, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - an optional hook, not abstract
         """Release the model or connection. Safe to call twice."""
 
     def __enter__(self) -> Backend:

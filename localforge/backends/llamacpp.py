@@ -21,7 +21,7 @@ from localforge.models import resolve
 
 class LlamaCppBackend(Backend):
     name = "llamacpp"
-    capabilities = Capabilities(batching=False, json_schema=True, needs=("gguf",))
+    capabilities = Capabilities(batching=False, json_schema=True)
 
     def __init__(
         self,

@@ -17,12 +17,12 @@ from localforge.backends.base import (
     Timer,
     truncate_at_stop,
 )
-from localforge.models import ensure_hf, resolve
+from localforge.models import ensure_hf, portable_overrides, resolve
 
 
 class MLXBackend(Backend):
     name = "mlx"
-    capabilities = Capabilities(batching=True, json_schema=False, lora_training=True, needs=("hf",))
+    capabilities = Capabilities(batching=True)  # LoRA arrives with the finetune issue
 
     def __init__(self, model: str, **options: Any):
         super().__init__(model, **options)
@@ -33,7 +33,9 @@ class MLXBackend(Backend):
 
         self._mx, self._mlx_lm = mx, mlx_lm
         self.model_name = resolved.name
-        self.model, self.tokenizer = mlx_lm.load(path)
+        # A folder saved by transformers 5 keeps rope_theta only under rope_parameters, where
+        # mlx-lm does not look: hand it over explicitly.
+        self.model, self.tokenizer = mlx_lm.load(path, model_config=portable_overrides(path))
 
     def prompt_ids(self, conv: Conversation) -> list[int]:
         text = self.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)

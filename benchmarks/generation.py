@@ -75,7 +75,10 @@ def raw_mlx(hf_path: str):
 def raw_llamacpp(gguf_path: str):
     from llama_cpp import Llama
 
-    llm = Llama(model_path=gguf_path, n_ctx=4096, verbose=False)
+    from localforge.hardware import default_threads
+
+    # Same threads as localforge gives it (llama-cpp-python's own default is half the cores).
+    llm = Llama(model_path=gguf_path, n_ctx=4096, n_threads=default_threads(), verbose=False)
 
     def run(prompt: str, max_tokens: int) -> int:
         out = llm.create_chat_completion(messages=conv(prompt), max_tokens=max_tokens, temperature=0.0)

@@ -8,7 +8,7 @@ from typing import Any
 def report() -> dict[str, Any]:
     from localforge.backends import REGISTRY, availability, choose_auto
     from localforge.errors import LocalforgeError
-    from localforge.hardware import HardwareProfile
+    from localforge.hardware import HardwareProfile, default_threads
 
     profile = HardwareProfile.detect()
     backends = {}
@@ -32,6 +32,7 @@ def report() -> dict[str, Any]:
         "unified_memory": data["unified_memory"],
         "mlx_device": data["mlx_device"],
         "mps": data["mps"],
+        "threads": default_threads(),
         "backends": backends,
         "recommended_backend": recommended,
         "notes": data["notes"],
@@ -51,7 +52,7 @@ def render(data: dict[str, Any]) -> None:
     hw = Table(title="Hardware", show_header=False)
     hw.add_row("os / arch", f"{data['os']} / {data['arch']}")
     hw.add_row("chip", data["chip"])
-    hw.add_row("cpu cores", str(data["cpu_cores"]))
+    hw.add_row("cpu cores", f"{data['cpu_cores']} ({data['threads']} engine threads)")
     hw.add_row("memory", f"{_gib(data['memory_bytes'])} ({_gib(data['available_memory_bytes'])} free)")
     for a in data["accelerators"]:
         extra = f", cc {a['compute_capability']}, bf16={'yes' if a['bf16'] else 'no'}" if a["kind"] == "cuda" else ""

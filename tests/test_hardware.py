@@ -99,3 +99,19 @@ def test_profiles_are_plain_serialisable_data():
         assert again == profile, name
     cluster = examples()["4x-h100-80gb"]
     assert len(cluster.cuda_devices) == 4 and all(a.bf16 for a in cluster.cuda_devices)
+
+
+def test_threads_default_to_physical_cores_and_obey_the_env(monkeypatch):
+    import psutil
+    import pytest
+
+    from localforge.errors import ConfigError
+    from localforge.hardware import default_threads
+
+    monkeypatch.delenv("LOCALFORGE_THREADS", raising=False)
+    assert default_threads() == (psutil.cpu_count(logical=False) or 1)
+    monkeypatch.setenv("LOCALFORGE_THREADS", "1")
+    assert default_threads() == 1
+    monkeypatch.setenv("LOCALFORGE_THREADS", "two")
+    with pytest.raises(ConfigError, match="LOCALFORGE_THREADS must be a whole number, got 'two'"):
+        default_threads()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from localforge.backends.base import (
@@ -16,6 +15,7 @@ from localforge.backends.base import (
     Timer,
     Unsupported,
 )
+from localforge.hardware import default_threads
 from localforge.models import resolve
 
 
@@ -48,7 +48,7 @@ class LlamaCppBackend(Backend):
         self.llm = Llama(
             model_path=resolved.gguf_path,
             n_ctx=n_ctx,
-            n_threads=threads or int(os.environ.get("LOCALFORGE_THREADS", 0)) or None,
+            n_threads=threads or default_threads(),  # llama-cpp-python's default is half the cores
             n_gpu_layers=n_gpu_layers,
             verbose=False,
         )

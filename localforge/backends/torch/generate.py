@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from localforge.backends.base import (
@@ -15,6 +14,7 @@ from localforge.backends.base import (
     Timer,
     truncate_at_stop,
 )
+from localforge.hardware import default_threads
 from localforge.models import ensure_hf, quiet_transformers, resolve
 
 
@@ -47,15 +47,6 @@ def pick_dtype(device: str, requested: str | None = None):
     if device == "mps":
         return torch.float16
     return torch.float32
-
-
-def set_threads(threads: int | None) -> None:
-    """Set torch's intra-op threads from the argument or $LOCALFORGE_THREADS (else torch's default)."""
-    import torch
-
-    n = threads or int(os.environ.get("LOCALFORGE_THREADS", 0) or 0)
-    if n > 0:
-        torch.set_num_threads(n)
 
 
 class _StopOnStrings:
@@ -94,7 +85,7 @@ class TorchBackend(Backend):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        set_threads(threads)
+        torch.set_num_threads(threads or default_threads())
         quiet_transformers()
         self.model_name = resolved.name
         self.device = pick_device(device)

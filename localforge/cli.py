@@ -72,7 +72,13 @@ def generate(
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": prompt}
     ]
-    with get_backend(backend, model) as be:
+    from rich.console import Console
+
+    # A spinner on a terminal while the model loads (the first use of a GGUF on torch or mlx
+    # converts it once, about 20 s for SmolLM2-135M); nothing when stderr is not a terminal.
+    with Console(stderr=True).status(f"loading {model} ({backend}) ...", spinner="dots"):
+        be = get_backend(backend, model)
+    with be:
         result = be.chat(messages, params)
     _out(result.text.strip())
     if verbose:

@@ -14,7 +14,9 @@ Backends that need a HF folder but are given a GGUF get one converted once and c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -218,8 +220,11 @@ def convert_gguf(gguf: Path, out: Path | None = None) -> Path:
     tmp.chmod(0o755)
     try:
         kwargs = {"gguf_file": gguf.name}
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), **_gguf_load_kwargs(kwargs))
+        # transformers' GGUF reader draws its own tqdm bars with no switch; keep them off the
+        # terminal (the CLI shows one spinner for the whole load).
+        with contextlib.redirect_stderr(io.StringIO()):
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), **_gguf_load_kwargs(kwargs))
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         cfg_path = tmp / "config.json"

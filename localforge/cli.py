@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -53,19 +54,25 @@ def doctor(
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="The user message.")],
-    backend: Annotated[str, typer.Option("--backend", "-b", help="auto, torch, mlx, llamacpp, ...")] = "auto",
-    model: Annotated[str, typer.Option("--model", "-m", help="Alias, HF folder, .gguf file or cached repo id.")] = "smollm2-135m",
+    backend: Annotated[str, typer.Option("--backend", "-b", help="auto, torch, mlx, llamacpp, vllm, openai, lmstudio, vllm-server, ollama.")] = "auto",
+    model: Annotated[str, typer.Option("--model", "-m", help="Alias, HF folder, .gguf file, cached repo id, or a served model name.")] = "smollm2-135m",
     system: Annotated[str | None, typer.Option("--system", "-s", help="A system message.")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1)] = 256,
     temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0)] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 1.0,
     seed: Annotated[int | None, typer.Option("--seed")] = None,
     stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop string (repeatable).")] = None,
+    json_schema: Annotated[Path | None, typer.Option("--json-schema", help="A JSON Schema file: print a JSON object that validates.")] = None,
+    base_url: Annotated[str | None, typer.Option("--base-url", help="Server URL for server backends.")] = None,
+    api_key_env: Annotated[str, typer.Option("--api-key-env", help="Environment variable holding the API key.")] = "OPENAI_API_KEY",
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds per call, retries included (servers).")] = 120.0,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Reuse answers from the call cache.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print usage and timing to stderr.")] = False,
 ) -> None:
-    """Answer one prompt with a local model and print the answer."""
+    """Answer one prompt with a local model (or a server) and print the answer."""
     from localforge.backends import GenerationParams, get_backend
 
+    schema = _read_schema(json_schema) if json_schema else None
     params = GenerationParams(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=tuple(stop or ())
     )
@@ -77,8 +84,12 @@ def generate(
     # A spinner on a terminal while the model loads (the first use of a GGUF on torch or mlx
     # converts it once, about 20 s for SmolLM2-135M); nothing when stderr is not a terminal.
     with Console(stderr=True).status(f"loading {model} ({backend}) ...", spinner="dots"):
-        be = get_backend(backend, model)
+        be = get_backend(backend, model, cache=cache or None,
+                         **_server_options(backend, base_url, api_key_env, timeout))
     with be:
+        if schema is not None:
+            _out(json.dumps(be.generate_json(messages, schema, params), ensure_ascii=False))
+            return
         result = be.chat(messages, params)
     _out(result.text.strip())
     if verbose:
@@ -86,16 +97,67 @@ def generate(
         sys.stderr.write(
             f"[{result.backend} {result.model}] prompt={result.prompt_tokens} "
             f"completion={result.completion_tokens} finish={result.finish_reason} "
-            f"{result.latency_s:.2f}s {tps:.1f} tok/s\n"
+            f"{result.latency_s:.2f}s {tps:.1f} tok/s{' (cached)' if result.cached else ''}\n"
         )
+
+
+def _server_options(backend: str, base_url: str | None, api_key_env: str, timeout: float) -> dict:
+    from localforge.backends import REGISTRY
+
+    spec = REGISTRY.get(backend)
+    if spec is None or not spec.server:
+        if base_url:
+            from localforge.errors import ConfigError
+
+            raise ConfigError(f"--base-url is for server backends; backend '{backend}' runs in-process")
+        return {}
+    options = {"base_url": base_url, "timeout": timeout}
+    if backend != "ollama":
+        options["api_key_env"] = api_key_env
+    return options
+
+
+def _read_schema(path: Path) -> dict:
+    from localforge.errors import ConfigError
+
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"--json-schema {path}: no such file") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--json-schema {path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    import jsonschema
+
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise ConfigError(f"--json-schema {path}: not a valid JSON Schema: {exc.message}") from None
+    return schema
 
 
 # --- models ---------------------------------------------------------------------------------
 
 
 @models_app.command("list")
-def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Built-in aliases and converted models in the cache."""
+def models_list(
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    backend: Annotated[str | None, typer.Option("--backend", "-b", help="A server backend: list what it serves.")] = None,
+    base_url: Annotated[str | None, typer.Option("--base-url")] = None,
+    api_key_env: Annotated[str, typer.Option("--api-key-env")] = "OPENAI_API_KEY",
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1)] = 10.0,
+) -> None:
+    """Built-in aliases and converted models in the cache, or what a server offers."""
+    if backend:
+        from localforge.backends import REGISTRY, backend_class
+        from localforge.errors import ConfigError
+
+        if backend in REGISTRY and not REGISTRY[backend].server:
+            raise ConfigError(f"models list --backend lists what a server offers; '{backend}' runs in-process")
+        be = backend_class(backend)("", **_server_options(backend, base_url, api_key_env, timeout))
+        with be:
+            names = be.list_models()
+        _out(json.dumps(names, indent=2) if as_json else "\n".join(names))
+        return
     from localforge.models import list_models
 
     rows = list_models()

@@ -7,16 +7,20 @@ from typing import Any
 
 def report() -> dict[str, Any]:
     from localforge.backends import REGISTRY, availability, choose_auto
+    from localforge.backends.server import answering_local_servers
     from localforge.errors import LocalforgeError
     from localforge.hardware import HardwareProfile, default_threads
 
     profile = HardwareProfile.detect()
+    servers = answering_local_servers()
     backends = {}
     for name in REGISTRY:
         ok, reason = availability(name)
+        if ok and REGISTRY[name].server:
+            reason = "client installed; a local server answers" if name in servers else reason
         backends[name] = {"available": ok, "reason": reason, "runs_on": REGISTRY[name].runs_on}
     try:
-        recommended = choose_auto(profile, {n: b["available"] for n, b in backends.items()})
+        recommended = choose_auto(profile, {n: b["available"] for n, b in backends.items()}, servers)
     except LocalforgeError as exc:
         recommended = None
         profile.notes.append(str(exc))

@@ -44,7 +44,7 @@ def test_auto_with_nothing_installed_says_what_to_install():
 
 
 def test_unknown_backend_lists_the_choices():
-    with pytest.raises(ConfigError, match="unknown backend 'nope': choose one of auto, mlx, torch, llamacpp"):
+    with pytest.raises(ConfigError, match="unknown backend 'nope': choose one of auto, mlx, torch, llamacpp, vllm, openai, lmstudio, vllm-server, ollama"):
         backend_class("nope")
 
 
@@ -68,10 +68,19 @@ def test_missing_engine_names_the_extra(monkeypatch):
         backend_class("ghost")
 
 
-def test_every_registered_backend_class_loads():
-    for name in REGISTRY:
-        cls = backend_class(name)
-        assert cls.name == name
+def test_every_installed_backend_class_loads():
+    installed = [name for name in REGISTRY if availability(name)[0]]
+    assert set(installed) >= {"torch", "mlx", "llamacpp", "openai", "lmstudio", "vllm-server", "ollama"}
+    for name in installed:
+        assert backend_class(name).name == name
+
+
+def test_vllm_without_vllm_says_what_to_install():
+    from importlib.util import find_spec
+
+    if find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    assert availability("vllm") == (False, "'vllm' is not installed: pip install 'localforge[vllm]'")
 
 
 HEAVY = ("torch", "mlx", "transformers", "llama_cpp", "mlx_lm", "numpy")

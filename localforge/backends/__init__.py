@@ -55,6 +55,16 @@ REGISTRY: dict[str, BackendSpec] = {
                     ("torch", "transformers"), "torch", "CPU, CUDA, MPS"),
         BackendSpec("llamacpp", "localforge.backends.llamacpp:LlamaCppBackend", ("llama_cpp",),
                     "llamacpp", "CPU, Metal, CUDA (GGUF files)"),
+        BackendSpec("vllm", "localforge.backends.vllm_engine:VLLMBackend", ("vllm",), "vllm",
+                    "NVIDIA GPUs (offline engine)"),
+        BackendSpec("openai", "localforge.backends.openai_server:OpenAIBackend", ("openai",), "",
+                    "any OpenAI-compatible server ($OPENAI_BASE_URL)", server=True),
+        BackendSpec("lmstudio", "localforge.backends.openai_server:LMStudioBackend", ("openai",), "",
+                    "LM Studio server (http://localhost:1234/v1)", server=True),
+        BackendSpec("vllm-server", "localforge.backends.openai_server:VLLMServerBackend", ("openai",), "",
+                    "vLLM server (http://localhost:8000/v1)", server=True),
+        BackendSpec("ollama", "localforge.backends.ollama_server:OllamaBackend", ("ollama",), "",
+                    "Ollama server (http://localhost:11434, $OLLAMA_HOST)", server=True),
     ]
 }
 
@@ -70,8 +80,9 @@ def availability(name: str) -> tuple[bool, str]:
         except (ImportError, ValueError):
             found = False
         if not found:
-            return False, f"'{module}' is not installed: pip install 'localforge[{spec.extra}]'"
-    return True, "installed"
+            target = f"'localforge[{spec.extra}]'" if spec.extra else "localforge"
+            return False, f"'{module}' is not installed: pip install {target}"
+    return True, "client installed (server not checked)" if spec.server else "installed"
 
 
 def backend_class(name: str) -> type[Backend]:
@@ -141,5 +152,7 @@ def resolve_auto(model: str) -> str:
 
     resolved = resolve(model)
     formats = tuple(f for f, p in (("hf", resolved.hf_path), ("gguf", resolved.gguf_path)) if p)
+    from localforge.backends.server import answering_local_servers
+
     available = {n: availability(n)[0] for n in REGISTRY}
-    return choose_auto(HardwareProfile.detect(), available, (), formats)
+    return choose_auto(HardwareProfile.detect(), available, answering_local_servers(), formats)

@@ -58,7 +58,8 @@ class GenerationParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
-    json_schema: dict[str, Any] | None = None
+    json_schema: dict[str, Any] | None = None  # constrain output to this schema (native mode)
+    json_object: bool = False  # ask for any JSON value (the engine's JSON mode)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -91,6 +92,7 @@ class ChatResult:
     latency_s: float
     backend: str = ""
     model: str = ""
+    cached: bool = False  # answered from the call cache
 
     @property
     def total_tokens(self) -> int:
@@ -103,7 +105,8 @@ class ChatResult:
 @dataclass(frozen=True)
 class Capabilities:
     batching: bool = False  # one call generates several conversations together
-    json_schema: bool = False  # output can be constrained to a JSON schema
+    json_schema: bool = False  # output can be constrained to a JSON schema (native mode)
+    json_mode: bool = False  # output can be constrained to JSON of any shape
     lora_training: bool = False  # the engine can train LoRA adapters here
     grpo: bool = False  # the engine can run GRPO
 
@@ -123,9 +126,11 @@ class Backend(ABC):
     name: ClassVar[str] = ""
     capabilities: ClassVar[Capabilities] = Capabilities()
 
-    def __init__(self, model: str, **options: Any):
+    def __init__(self, model: str, cache: Any = None, **options: Any):
+        """``cache``: None (off), True (the default cache file), a path, or a ``CallCache``."""
         self.model_ref = model
         self.options = options
+        self.cache = _open_cache(cache)
 
     # Subclasses: generate one completion per conversation, in order.
     @abstractmethod
@@ -148,13 +153,60 @@ class Backend(ABC):
         batch = [conversations] if single else [list(c) for c in conversations]
         for i, conv in enumerate(batch):
             _check_conversation(conv, i)
-        if params.json_schema is not None and not self.capabilities.json_schema:
+        if params.json_schema is not None and "schema" not in self.structured_modes():
             raise Unsupported(
                 f"backend '{self.name}' cannot constrain output to a JSON schema; "
-                "use a backend that can (see `localforge doctor`) or drop json_schema"
+                "use generate_json (it falls back to prompting), or a backend that can"
             )
-        results = self._generate(batch, params) if batch else []
+        if params.json_object and "json" not in self.structured_modes():
+            raise Unsupported(f"backend '{self.name}' has no JSON mode; use generate_json instead")
+        if not batch:
+            return []
+        results = self._cached_generate(batch, params) if self.cache else self._generate(batch, params)
         return results[0] if single else results
+
+    def _cache_lookup(self, batch: list[Conversation], params: GenerationParams):
+        """The cache key of each conversation, and its cached result (or None)."""
+        from localforge.backends.cache import call_key
+
+        keys = [call_key(self._probe_key(), params, conv) for conv in batch]
+        hits = [self.cache.get(key) for key in keys]
+        return keys, [ChatResult(**{**hit, "cached": True}) if hit else None for hit in hits]
+
+    def _cached_generate(self, batch: list[Conversation], params: GenerationParams) -> list[ChatResult]:
+        """Generate the misses in one batch, then store them. Server backends override this to
+        store each answer as it arrives."""
+        keys, results = self._cache_lookup(batch, params)
+        todo = [i for i, r in enumerate(results) if r is None]
+        if todo:
+            for i, fresh in zip(todo, self._generate([batch[i] for i in todo], params), strict=True):
+                self.cache.put(keys[i], fresh.to_dict())
+                results[i] = fresh
+        return results  # type: ignore[return-value]
+
+    # --- structured output -------------------------------------------------------------------
+
+    _unsupported: ClassVar[dict[tuple, set[str]]] = {}  # probe results, shared per server+model
+
+    def _probe_key(self) -> tuple:
+        return (self.name, self.model_ref)
+
+    def structured_modes(self) -> list[str]:
+        """The structured-output ladder for this backend, best first; ends with "prompt"."""
+        native = [m for m, ok in (("schema", self.capabilities.json_schema),
+                                  ("json", self.capabilities.json_mode)) if ok]
+        known_bad = self._unsupported.get(self._probe_key(), set())
+        return [m for m in native if m not in known_bad] + ["prompt"]
+
+    def mark_unsupported(self, mode: str) -> None:
+        self._unsupported.setdefault(self._probe_key(), set()).add(mode)
+
+    def generate_json(self, conversation: Conversation, schema: Any,
+                      params: GenerationParams | None = None, attempts: int = 3) -> Any:
+        """An object that validates against ``schema`` (dict or pydantic model); see structured.py."""
+        from localforge.backends.structured import generate_json
+
+        return generate_json(self, conversation, schema, params, attempts)
 
     def health(self) -> Health:
         """A cheap check that the backend can answer; never raises."""
@@ -175,6 +227,16 @@ class Backend(ABC):
 
 
 # --- helpers shared by backends -----------------------------------------------------------
+
+
+def _open_cache(cache: Any):
+    if cache is None or cache is False:
+        return None
+    from localforge.backends.cache import CallCache
+
+    if isinstance(cache, CallCache):
+        return cache
+    return CallCache(None if cache is True else cache)
 
 
 def _is_conversation(obj: Any) -> bool:

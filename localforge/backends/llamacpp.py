@@ -21,7 +21,7 @@ from localforge.models import resolve
 
 class LlamaCppBackend(Backend):
     name = "llamacpp"
-    capabilities = Capabilities(batching=False, json_schema=True)
+    capabilities = Capabilities(batching=False, json_schema=True, json_mode=True)
 
     def __init__(
         self,
@@ -70,6 +70,8 @@ class LlamaCppBackend(Backend):
         )
         if params.json_schema is not None:
             kwargs["response_format"] = {"type": "json_object", "schema": params.json_schema}
+        elif params.json_object:
+            kwargs["response_format"] = {"type": "json_object"}
         with Timer() as t:
             out = self.llm.create_chat_completion(**kwargs)
         try:

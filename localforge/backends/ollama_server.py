@@ -1,0 +1,100 @@
+"""Ollama through the official ``ollama`` client (default http://localhost:11434; $OLLAMA_HOST)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from localforge.backends.base import (
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    Capabilities,
+    ChatResult,
+    Conversation,
+    GenerationParams,
+    InvalidResponse,
+    Timer,
+    Unsupported,
+)
+from localforge.backends.resilience import Transient
+from localforge.backends.server import ServerBackend
+
+
+class OllamaBackend(ServerBackend):
+    name = "ollama"
+    default_url = "http://localhost:11434"
+    url_env = "OLLAMA_HOST"
+    start_hint = "start Ollama (`ollama serve`, or the desktop app) or set OLLAMA_HOST"
+    capabilities = Capabilities(batching=True, json_schema=True, json_mode=True)
+
+    def __init__(self, model: str, **options: Any):
+        super().__init__(model, **options)
+        import httpx
+        import ollama
+
+        self._ollama, self._httpx = ollama, httpx
+        host = self.base_url if "://" in self.base_url else f"http://{self.base_url}"
+        self.base_url = host
+        self.client = ollama.Client(host=host, timeout=self.timeout)
+
+    def _request(self, conv: Conversation, params: GenerationParams, timeout: float, probing: bool) -> ChatResult:
+        options: dict[str, Any] = {
+            "num_predict": params.max_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+        }
+        if params.stop:
+            options["stop"] = list(params.stop)
+        if params.seed is not None:
+            options["seed"] = params.seed
+        fmt: Any = None
+        if params.json_object:
+            fmt = "json"
+        elif params.json_schema is not None:
+            fmt = params.json_schema
+        try:
+            with Timer() as t:
+                out = self.client.chat(model=self.served, messages=conv, options=options, format=fmt, stream=False)
+        except self._ollama.ResponseError as exc:
+            raise self._response_error(exc, probing) from None
+        except ConnectionError:
+            raise Transient(BackendUnavailable(self.nothing_answers()), refused=True) from None
+        except self._httpx.TimeoutException:
+            raise Transient(BackendTimeout(f"{self.base_url} did not answer within {self.timeout:.0f} s")) from None
+        except self._httpx.TransportError as exc:  # the connection dropped mid-answer
+            raise Transient(BackendUnavailable(f"{self.base_url}: {type(exc).__name__}: {exc}")) from None
+        try:
+            return ChatResult(
+                text=out.message.content or "",
+                prompt_tokens=int(out.prompt_eval_count or 0),
+                completion_tokens=int(out.eval_count or 0),
+                finish_reason="length" if out.done_reason == "length" else "stop",
+                latency_s=t.seconds,
+                backend=self.name,
+                model=self.served,
+            )
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise InvalidResponse(f"{self.base_url} returned an unexpected chat response: {exc}") from None
+
+    def _response_error(self, exc: Any, probing: bool) -> Exception:
+        status, detail = exc.status_code, (str(exc.error).strip().splitlines() or [""])[0][:200]
+        if status == 404 and "not found" in detail.lower():
+            return BackendError(
+                f"model '{self.served}' is not pulled on {self.base_url}: run `ollama pull {self.served}`"
+            )
+        if probing and status in (400, 500, 501):
+            return Unsupported(f"{self.base_url} rejects this format ({status}): {detail}")
+        if status == 429 or status >= 500:
+            return Transient(BackendUnavailable(f"{self.base_url} answered {status}: {detail}"))
+        return BackendError(f"{self.base_url} rejected the request ({status}): {detail}")
+
+    def list_models(self) -> list[str]:
+        try:
+            return [m.model for m in self.client.list().models]
+        except self._ollama.ResponseError as exc:
+            raise self._response_error(exc, False) from None
+        except (ConnectionError, self._httpx.TransportError):
+            raise BackendUnavailable(self.nothing_answers()) from None
+
+    def close(self) -> None:
+        self.client._client.close()

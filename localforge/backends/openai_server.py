@@ -1,0 +1,147 @@
+"""Any OpenAI-compatible server (LM Studio, llama.cpp server, vLLM server, hosted APIs) through
+the official ``openai`` client. ``lmstudio`` and ``vllm-server`` are presets of the same class.
+
+The API key comes from an environment variable (``--api-key-env``, default ``OPENAI_API_KEY``),
+never from a config file, and is never printed. Local servers need none.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from localforge.backends.base import (
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    Capabilities,
+    ChatResult,
+    Conversation,
+    GenerationParams,
+    InvalidResponse,
+    Timer,
+    Unsupported,
+)
+from localforge.backends.resilience import Transient
+from localforge.backends.server import ServerBackend
+
+_START = (
+    "start the server (LM Studio: Developer > Start Server; llama.cpp: "
+    "python -m llama_cpp.server --model FILE.gguf; vLLM: vllm serve MODEL) or pass --base-url"
+)
+
+
+class OpenAIBackend(ServerBackend):
+    name = "openai"
+    default_url = "https://api.openai.com/v1"
+    url_env = "OPENAI_BASE_URL"
+    start_hint = _START
+    capabilities = Capabilities(batching=True, json_schema=True, json_mode=True)
+
+    def __init__(self, model: str, api_key_env: str = "OPENAI_API_KEY", **options: Any):
+        super().__init__(model, **options)
+        import openai
+
+        self._openai = openai
+        self.api_key_env = api_key_env
+        key = os.environ.get(api_key_env) or "not-needed"  # local servers ignore it
+        self.client = openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=self.timeout)
+
+    def _request(self, conv: Conversation, params: GenerationParams, timeout: float, probing: bool) -> ChatResult:
+        kwargs: dict[str, Any] = dict(
+            model=self.served,
+            messages=conv,
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+        )
+        if params.stop:
+            kwargs["stop"] = list(params.stop)
+        if params.seed is not None:
+            kwargs["seed"] = params.seed
+        if params.json_object:  # JSON mode; "schema" is llama.cpp's extension, others ignore it
+            fmt: dict[str, Any] = {"type": "json_object"}
+            if params.json_schema is not None:
+                fmt["schema"] = params.json_schema
+            kwargs["response_format"] = fmt
+        elif params.json_schema is not None:
+            kwargs["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "output", "schema": params.json_schema},
+            }
+        try:
+            with Timer() as t:
+                out = self.client.with_options(timeout=timeout).chat.completions.create(**kwargs)
+        except self._openai.APIStatusError as exc:
+            raise self._status_error(exc, probing) from None
+        except self._openai.APITimeoutError:
+            raise Transient(BackendTimeout(f"{self.base_url} did not answer within {self.timeout:.0f} s")) from None
+        except self._openai.APIConnectionError:
+            raise Transient(BackendUnavailable(self.nothing_answers()), refused=True) from None
+        try:
+            choice = out.choices[0]
+            usage = out.usage
+            return ChatResult(
+                text=choice.message.content or "",
+                prompt_tokens=usage.prompt_tokens if usage else 0,
+                completion_tokens=usage.completion_tokens if usage else 0,
+                finish_reason="length" if choice.finish_reason == "length" else "stop",
+                latency_s=t.seconds,
+                backend=self.name,
+                model=self.served,
+            )
+        except (AttributeError, IndexError, TypeError) as exc:
+            raise InvalidResponse(f"{self.base_url} returned an unexpected completion: {exc}") from None
+
+    def _status_error(self, exc: Any, probing: bool) -> Exception:
+        status = exc.status_code
+        detail = _first_line(exc)
+        if probing and status in (400, 422, 500, 501):
+            return Unsupported(f"{self.base_url} rejects this response_format ({status}): {detail}")
+        if status == 429 or status >= 500:
+            return Transient(BackendUnavailable(f"{self.base_url} answered {status}: {detail}"))
+        if status in (401, 403):
+            return BackendError(
+                f"{self.base_url} refused the API key ({status}): set it in ${self.api_key_env} "
+                "(or name another variable with --api-key-env)"
+            )
+        if status == 404:
+            return BackendError(
+                f"{self.base_url} does not serve model '{self.served}' ({status}): "
+                f"see `localforge models list --backend {self.name} --base-url {self.base_url}`"
+            )
+        return BackendError(f"{self.base_url} rejected the request ({status}): {detail}")
+
+    def list_models(self) -> list[str]:
+        try:
+            return [m.id for m in self.client.with_options(timeout=min(self.timeout, 10)).models.list()]
+        except self._openai.APIStatusError as exc:
+            raise self._status_error(exc, False) from None
+        except self._openai.APIConnectionError:
+            raise BackendUnavailable(self.nothing_answers()) from None
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class LMStudioBackend(OpenAIBackend):
+    name = "lmstudio"
+    default_url = "http://localhost:1234/v1"
+    url_env = "LMSTUDIO_BASE_URL"
+    start_hint = "start LM Studio's server (Developer > Start Server, or `lms server start`)"
+
+
+class VLLMServerBackend(OpenAIBackend):
+    name = "vllm-server"
+    default_url = "http://localhost:8000/v1"
+    url_env = "VLLM_BASE_URL"
+    start_hint = "start it with `vllm serve MODEL`"
+
+
+def _first_line(exc: Any) -> str:
+    body = getattr(exc, "body", None)
+    msg = body.get("message") if isinstance(body, dict) else None
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        msg = body["error"].get("message")
+    text = str(msg or exc.message or exc)
+    return text.strip().splitlines()[0][:200] if text.strip() else f"HTTP {exc.status_code}"

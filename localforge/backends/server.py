@@ -1,0 +1,123 @@
+"""What every server backend shares: an endpoint, a timeout, parallel batches, capability probes.
+
+Subclasses implement ``_request`` (one conversation, one HTTP call, raising ``Transient`` for
+failures worth retrying) and ``list_models``. Batches run in parallel, bounded by the endpoint's
+concurrency limit; every call goes through the endpoint's retries and circuit breaker.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import abstractmethod
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ClassVar
+
+from localforge.backends.base import (
+    Backend,
+    ChatResult,
+    Conversation,
+    GenerationParams,
+    Health,
+)
+from localforge.backends.resilience import endpoint
+
+
+class ServerBackend(Backend):
+    default_url: ClassVar[str] = ""
+    url_env: ClassVar[str | None] = None  # an environment variable that overrides default_url
+    start_hint: ClassVar[str] = ""  # how to start such a server, for "nothing answers" errors
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str | None = None,
+        timeout: float = 120.0,
+        concurrency: int = 4,
+        **options: Any,
+    ):
+        super().__init__(model, **options)
+        self.base_url = (base_url or (self.url_env and os.environ.get(self.url_env)) or self.default_url).rstrip("/")
+        self.timeout = float(timeout)
+        self.served = model.split(":", 1)[1] if model.startswith("ollama:") else model
+        self.endpoint = endpoint(self.base_url, concurrency)
+
+    # --- for subclasses ------------------------------------------------------------------------
+
+    @abstractmethod
+    def _request(self, conv: Conversation, params: GenerationParams, timeout: float, probing: bool) -> ChatResult:
+        """One request. Raise ``Transient`` for what a retry may fix; when ``probing`` a
+        structured-output mode, raise ``Unsupported`` if the server rejects that mode."""
+
+    @abstractmethod
+    def list_models(self) -> list[str]:
+        """The model names this server offers."""
+
+    # --- shared --------------------------------------------------------------------------------
+
+    def _probe_key(self) -> tuple:
+        return (self.name, self.base_url, self.served)
+
+    _confirmed: ClassVar[set[tuple]] = set()  # (probe key, mode) pairs that have worked once
+
+    def _map(self, fn, items: list) -> list:
+        """``fn`` over ``items`` in parallel, at most the endpoint's concurrency at once, in order."""
+        if len(items) == 1:
+            return [fn(items[0])]
+        with ThreadPoolExecutor(max_workers=min(len(items), self.endpoint.concurrency)) as pool:
+            return list(pool.map(fn, items))
+
+    def _generate(self, conversations: list[Conversation], params: GenerationParams) -> list[ChatResult]:
+        return self._map(lambda conv: self._call(conv, params), conversations)
+
+    def _cached_generate(self, batch: list[Conversation], params: GenerationParams) -> list[ChatResult]:
+        """Each answer is stored as soon as it arrives, so a job that dies part-way keeps them."""
+        keys, results = self._cache_lookup(batch, params)
+
+        def one(i: int) -> ChatResult:
+            if results[i] is None:
+                results[i] = self._call(batch[i], params)
+                self.cache.put(keys[i], results[i].to_dict())
+            return results[i]
+
+        return self._map(one, list(range(len(batch))))
+
+    def _call(self, conv: Conversation, params: GenerationParams) -> ChatResult:
+        mode = "json" if params.json_object else "schema" if params.json_schema is not None else None
+        probing = mode is not None and (self._probe_key(), mode) not in self._confirmed
+        result = self.endpoint.call(lambda left: self._request(conv, params, left, probing), self.timeout)
+        if probing:
+            self._confirmed.add((self._probe_key(), mode))
+        return result
+
+    def health(self) -> Health:
+        try:
+            models = self.list_models()
+        except Exception as exc:  # noqa: BLE001 - health reports, it never raises
+            return Health(False, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return Health(True, f"{self.base_url} answers; {len(models)} model(s)")
+
+    def nothing_answers(self) -> str:
+        return f"nothing answers at {self.base_url}: {self.start_hint}, or choose another --backend"
+
+
+# Local servers `auto` may use, and the cheap GET that tells whether one answers.
+LOCAL_SERVERS = (
+    ("ollama", "OLLAMA_HOST", "http://localhost:11434", "/api/tags"),
+    ("lmstudio", "LMSTUDIO_BASE_URL", "http://localhost:1234/v1", "/models"),
+)
+
+
+def answering_local_servers(timeout: float = 0.3) -> tuple[str, ...]:
+    """Names of the local servers that answer right now (connection refused is instant)."""
+    import httpx
+
+    found = []
+    for name, env, default, path in LOCAL_SERVERS:
+        url = (os.environ.get(env) or default).rstrip("/")
+        url = url if "://" in url else f"http://{url}"
+        try:
+            if httpx.get(url + path, timeout=timeout).status_code == 200:
+                found.append(name)
+        except httpx.HTTPError:
+            pass
+    return tuple(found)

@@ -1,0 +1,198 @@
+"""Structured output, the same on every backend: ``generate_json(backend, conversation, schema)``.
+
+The ladder: the engine's native schema mode, else its JSON mode, else prompt-and-parse. Whatever
+the rung, the answer is parsed (``extract_json`` copes with fences, prose and small slips) and
+validated with jsonschema, since engines enforce schemas only in part (llama.cpp ignores integer
+ranges). On a failure the model is asked again with the validation error, up to ``attempts``
+times; the final error carries every attempt so callers can record rejects.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from localforge.backends.base import BackendError, Conversation, GenerationParams, Unsupported
+
+if TYPE_CHECKING:
+    from localforge.backends.base import Backend
+
+MODES = ("schema", "json", "prompt")
+
+
+@dataclass
+class Attempt:
+    mode: str
+    text: str
+    error: str
+
+
+class StructuredOutputError(BackendError):
+    """No attempt produced JSON that validates; ``attempts`` holds each raw answer and its error."""
+
+    def __init__(self, message: str, attempts: list[Attempt]):
+        super().__init__(message)
+        self.attempts = attempts
+
+
+class JSONExtractionError(ValueError):
+    pass
+
+
+def schema_of(schema: Any) -> tuple[dict, type | None]:
+    """A JSON Schema dict, and the pydantic model it came from (if it did)."""
+    if isinstance(schema, dict):
+        return schema, None
+    if hasattr(schema, "model_json_schema"):
+        return schema.model_json_schema(), schema
+    raise TypeError(f"schema must be a JSON Schema dict or a pydantic model class, got {type(schema).__name__}")
+
+
+# --- parsing model output ---------------------------------------------------------------------
+
+_FENCE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.DOTALL)
+_TRAILING_COMMA = re.compile(r",(\s*[}\]])")
+
+
+def extract_json(text: str) -> Any:
+    """The first JSON value in ``text``: inside a code fence, after prose, or with small slips.
+
+    Repairs only what is unambiguous: trailing commas, and Python's True/False/None outside
+    strings. Raises ``JSONExtractionError`` when there is no JSON value to find.
+    """
+    candidates = [m.group(1) for m in _FENCE.finditer(text)] + [text]
+    for chunk in candidates:
+        for start in (i for i, ch in enumerate(chunk) if ch in "{["):
+            span = _balanced(chunk, start)
+            if span is None:
+                continue
+            for attempt in (span, _repair(span)):
+                try:
+                    return json.loads(attempt)
+                except json.JSONDecodeError:
+                    pass
+    stripped = text.strip()
+    try:
+        return json.loads(stripped)  # a bare scalar ("42", "\"yes\"")
+    except json.JSONDecodeError:
+        raise JSONExtractionError(f"no JSON object found in the answer: {stripped[:80]!r}") from None
+
+
+def _balanced(s: str, start: int) -> str | None:
+    """The substring from ``start`` to its matching bracket, strings and escapes respected."""
+    stack, in_str, esc = [], False, False
+    pairs = {"{": "}", "[": "]"}
+    for i in range(start, len(s)):
+        ch = s[i]
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in pairs:
+            stack.append(pairs[ch])
+        elif ch in "}]":
+            if not stack or stack.pop() != ch:
+                return None
+            if not stack:
+                return s[start : i + 1]
+    return None
+
+
+def _repair(span: str) -> str:
+    """Python literals (True/False/None) outside strings become JSON; trailing commas go."""
+    out, in_str, esc, i = [], False, False, 0
+    while i < len(span):
+        ch = span[i]
+        if in_str:
+            out.append(ch)
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+            i += 1
+            continue
+        for word, repl in (("True", "true"), ("False", "false"), ("None", "null")):
+            if span.startswith(word, i) and not span[i + len(word) : i + len(word) + 1].isalnum():
+                out.append(repl)
+                i += len(word)
+                break
+        else:
+            in_str = ch == '"'
+            out.append(ch)
+            i += 1
+    return _TRAILING_COMMA.sub(r"\1", "".join(out))
+
+
+# --- the ladder ----------------------------------------------------------------------------------
+
+
+def _instruction(schema: dict) -> str:
+    return (
+        "Reply with one JSON value and nothing else (no prose, no code fence). "
+        f"It must match this JSON Schema:\n{json.dumps(schema, separators=(',', ':'))}"
+    )
+
+
+def _with_instruction(conversation: Conversation, schema: dict) -> Conversation:
+    conv = [dict(m) for m in conversation]
+    last = conv[-1]
+    if last["role"] == "user":
+        last["content"] = f"{last['content']}\n\n{_instruction(schema)}"
+    else:
+        conv.append({"role": "user", "content": _instruction(schema)})
+    return conv
+
+
+def generate_json(
+    backend: Backend,
+    conversation: Conversation,
+    schema: Any,
+    params: GenerationParams | None = None,
+    attempts: int = 3,
+) -> Any:
+    """Return an object that validates against ``schema`` (a model instance for pydantic)."""
+    import jsonschema
+
+    schema_dict, model_cls = schema_of(schema)
+    validator = jsonschema.Draft202012Validator(schema_dict)
+    params = params or GenerationParams(max_tokens=512)
+    conv = _with_instruction(conversation, schema_dict)  # every rung benefits from the schema
+    tried: list[Attempt] = []
+    modes = [m for m in backend.structured_modes() if m in MODES]
+    mode = modes.pop(0)
+    while len(tried) < attempts:
+        mode_params = params.with_(
+            json_schema=schema_dict if mode == "schema" else None, json_object=mode == "json"
+        )
+        try:
+            result = backend.chat(conv, mode_params)
+        except Unsupported:
+            backend.mark_unsupported(mode)  # remembered for this server and model
+            mode = modes.pop(0)
+            continue
+        text = result.text
+        try:
+            obj = extract_json(text)
+            errors = sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path))
+            if errors:
+                where = "/".join(str(p) for p in errors[0].absolute_path) or "(root)"
+                raise ValueError(f"{where}: {errors[0].message}")
+            return model_cls.model_validate(obj) if model_cls else obj
+        except ValueError as exc:
+            tried.append(Attempt(mode, text, str(exc)))
+            conv = conv + [
+                {"role": "assistant", "content": text},
+                {"role": "user", "content": f"That answer is not valid: {exc}. {_instruction(schema_dict)}"},
+            ]
+    raise StructuredOutputError(
+        f"{backend.name}: no valid JSON after {attempts} attempts; last error: {tried[-1].error}", tried
+    )

@@ -1,0 +1,79 @@
+"""vLLM's offline engine (``vllm.LLM``) on a CUDA host: batched generation and guided JSON.
+
+Needs the ``vllm`` extra and an NVIDIA GPU. vLLM loads HF folders; a GGUF reference is
+converted once like for torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from localforge.backends.base import (
+    Backend,
+    BackendUnavailable,
+    Capabilities,
+    ChatResult,
+    Conversation,
+    GenerationParams,
+    Timer,
+)
+from localforge.models import ensure_hf, resolve
+
+
+class VLLMBackend(Backend):
+    name = "vllm"
+    capabilities = Capabilities(batching=True, json_schema=True)
+
+    def __init__(self, model: str, dtype: str = "auto", gpu_memory_utilization: float = 0.85,
+                 max_model_len: int | None = None, **options: Any):
+        super().__init__(model, **options)
+        resolved = resolve(model)
+        path = ensure_hf(resolved)
+        try:
+            import vllm
+        except ImportError as exc:
+            raise BackendUnavailable(f"backend 'vllm' cannot import vllm ({exc}): pip install 'localforge[vllm]'") from exc
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BackendUnavailable("backend 'vllm' needs an NVIDIA GPU; use --backend torch or llamacpp here")
+        self._vllm = vllm
+        self.model_name = resolved.name
+        kwargs: dict[str, Any] = dict(model=path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization)
+        if max_model_len:
+            kwargs["max_model_len"] = max_model_len
+        self.llm = vllm.LLM(**kwargs)
+
+    def sampling_params(self, params: GenerationParams):
+        kwargs: dict[str, Any] = dict(
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            stop=list(params.stop) or None,
+            seed=params.seed,
+        )
+        if params.json_schema is not None:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            kwargs["structured_outputs"] = StructuredOutputsParams(json=params.json_schema)
+        return self._vllm.SamplingParams(**kwargs)
+
+    def _generate(self, conversations: list[Conversation], params: GenerationParams) -> list[ChatResult]:
+        with Timer() as t:
+            outs = self.llm.chat(conversations, self.sampling_params(params), use_tqdm=False)
+        results = []
+        for out in outs:
+            gen = out.outputs[0]
+            results.append(ChatResult(
+                text=gen.text,
+                prompt_tokens=len(out.prompt_token_ids or []),
+                completion_tokens=len(gen.token_ids),
+                finish_reason="length" if gen.finish_reason == "length" else "stop",
+                latency_s=t.seconds,
+                backend=self.name,
+                model=self.model_name,
+            ))
+        return results
+
+    def close(self) -> None:
+        self.llm = None

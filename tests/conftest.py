@@ -43,3 +43,23 @@ def llamacpp_backend():
 
     with get_backend("llamacpp", MODEL) as backend:
         yield backend
+
+
+@pytest.fixture(scope="session")
+def llama_server(smol):
+    """A real llama.cpp server (python -m llama_cpp.server) on 127.0.0.1, serving the bundled GGUF."""
+    from tests.servers import LlamaServer
+
+    server = LlamaServer(smol.gguf_path).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ollama_url(llamacpp_backend):
+    """An Ollama-protocol server on 127.0.0.1 answered by the real model (see tests/servers.py)."""
+    from tests.servers import ollama_server
+
+    server, url = ollama_server(llamacpp_backend)
+    yield url
+    server.shutdown()

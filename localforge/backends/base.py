@@ -153,16 +153,17 @@ class Backend(ABC):
         batch = [conversations] if single else [list(c) for c in conversations]
         for i, conv in enumerate(batch):
             _check_conversation(conv, i)
-        if params.json_schema is not None and "schema" not in self.structured_modes():
+        if params.json_object:  # JSON mode (json_schema, if given, is only a hint)
+            if "json" not in self.structured_modes():
+                raise Unsupported(f"backend '{self.name}' has no JSON mode; use generate_json instead")
+        elif params.json_schema is not None and "schema" not in self.structured_modes():
             raise Unsupported(
                 f"backend '{self.name}' cannot constrain output to a JSON schema; "
                 "use generate_json (it falls back to prompting), or a backend that can"
             )
-        if params.json_object and "json" not in self.structured_modes():
-            raise Unsupported(f"backend '{self.name}' has no JSON mode; use generate_json instead")
         if not batch:
             return []
-        results = self._cached_generate(batch, params) if self.cache else self._generate(batch, params)
+        results = self._cached_generate(batch, params) if self.cache is not None else self._generate(batch, params)
         return results[0] if single else results
 
     def _cache_lookup(self, batch: list[Conversation], params: GenerationParams):

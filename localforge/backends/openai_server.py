@@ -63,7 +63,8 @@ class OpenAIBackend(ServerBackend):
             fmt: dict[str, Any] = {"type": "json_object"}
             if params.json_schema is not None:
                 fmt["schema"] = params.json_schema
-            kwargs["response_format"] = fmt
+            # extra_body, because the client drops keys its types do not know (like "schema")
+            kwargs["extra_body"] = {"response_format": fmt}
         elif params.json_schema is not None:
             kwargs["response_format"] = {
                 "type": "json_schema",
@@ -78,6 +79,8 @@ class OpenAIBackend(ServerBackend):
             raise Transient(BackendTimeout(f"{self.base_url} did not answer within {self.timeout:.0f} s")) from None
         except self._openai.APIConnectionError:
             raise Transient(BackendUnavailable(self.nothing_answers()), refused=True) from None
+        except ValueError as exc:  # a body that is not JSON
+            raise InvalidResponse(f"{self.base_url} returned an unexpected body (not JSON): {exc}") from None
         try:
             choice = out.choices[0]
             usage = out.usage

@@ -135,11 +135,39 @@ def _repair(span: str) -> str:
 # --- the ladder ----------------------------------------------------------------------------------
 
 
+def _describe(schema: dict) -> str:
+    """A schema as a small model reads it best: the keys with their types and limits.
+
+    Small models given a raw JSON Schema tend to echo it back; a plain description works.
+    Schemas that are not a flat object fall back to the JSON Schema itself."""
+    props = schema.get("properties")
+    if schema.get("type") != "object" or not isinstance(props, dict):
+        return f"a JSON value matching this JSON Schema: {json.dumps(schema, separators=(',', ':'))}"
+    required = set(schema.get("required", []))
+    parts = []
+    for key, sub in props.items():
+        kind = sub.get("type", "any") if isinstance(sub, dict) else "any"
+        limits = []
+        if isinstance(sub, dict):
+            if "enum" in sub:
+                limits.append("one of " + ", ".join(json.dumps(v) for v in sub["enum"]))
+            if "minimum" in sub and "maximum" in sub:
+                limits.append(f"from {sub['minimum']} to {sub['maximum']}")
+            elif "minimum" in sub:
+                limits.append(f"at least {sub['minimum']}")
+            elif "maximum" in sub:
+                limits.append(f"at most {sub['maximum']}")
+            if "maxLength" in sub:
+                limits.append(f"at most {sub['maxLength']} characters")
+            if kind == "array" and isinstance(sub.get("items"), dict):
+                kind = f"array of {sub['items'].get('type', 'values')}"
+        opt = "" if key in required else ", optional"
+        parts.append(f'"{key}" ({kind}{", " + ", ".join(limits) if limits else ""}{opt})')
+    return "a JSON object with the keys " + "; ".join(parts)
+
+
 def _instruction(schema: dict) -> str:
-    return (
-        "Reply with one JSON value and nothing else (no prose, no code fence). "
-        f"It must match this JSON Schema:\n{json.dumps(schema, separators=(',', ':'))}"
-    )
+    return f"Reply with {_describe(schema)}. Write only the JSON, no other text."
 
 
 def _with_instruction(conversation: Conversation, schema: dict) -> Conversation:
@@ -170,8 +198,9 @@ def generate_json(
     modes = [m for m in backend.structured_modes() if m in MODES]
     mode = modes.pop(0)
     while len(tried) < attempts:
+        # "json" mode still passes the schema: engines that take it as a hint (llama.cpp) use it
         mode_params = params.with_(
-            json_schema=schema_dict if mode == "schema" else None, json_object=mode == "json"
+            json_schema=schema_dict if mode in ("schema", "json") else None, json_object=mode == "json"
         )
         try:
             result = backend.chat(conv, mode_params)

@@ -40,6 +40,7 @@ lint: $(VENV)/.dev-installed
 
 bench: $(VENV)/.dev-installed
 	$(BIN)/python benchmarks/generation.py
+	$(BIN)/python benchmarks/backends.py
 
 clean:
 	rm -rf $(VENV)

@@ -14,7 +14,6 @@ from localforge.backends.base import (
     GenerationParams,
     InvalidResponse,
     Timer,
-    Unsupported,
 )
 from localforge.backends.resilience import Transient
 from localforge.backends.server import ServerBackend
@@ -82,11 +81,7 @@ class OllamaBackend(ServerBackend):
             return BackendError(
                 f"model '{self.served}' is not pulled on {self.base_url}: run `ollama pull {self.served}`"
             )
-        if probing and status in (400, 500, 501):
-            return Unsupported(f"{self.base_url} rejects this format ({status}): {detail}")
-        if status == 429 or status >= 500:
-            return Transient(BackendUnavailable(f"{self.base_url} answered {status}: {detail}"))
-        return BackendError(f"{self.base_url} rejected the request ({status}): {detail}")
+        return self.transient_or_unsupported(status, detail, probing) or BackendError(f"{self.base_url} rejected the request ({status}): {detail}")
 
     def list_models(self) -> list[str]:
         try:

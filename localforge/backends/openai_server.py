@@ -20,7 +20,6 @@ from localforge.backends.base import (
     GenerationParams,
     InvalidResponse,
     Timer,
-    Unsupported,
 )
 from localforge.backends.resilience import Transient
 from localforge.backends.server import ServerBackend
@@ -99,10 +98,9 @@ class OpenAIBackend(ServerBackend):
     def _status_error(self, exc: Any, probing: bool) -> Exception:
         status = exc.status_code
         detail = _first_line(exc)
-        if probing and status in (400, 422, 500, 501):
-            return Unsupported(f"{self.base_url} rejects this response_format ({status}): {detail}")
-        if status == 429 or status >= 500:
-            return Transient(BackendUnavailable(f"{self.base_url} answered {status}: {detail}"))
+        shared = self.transient_or_unsupported(status, detail, probing)
+        if shared is not None:
+            return shared
         if status in (401, 403):
             return BackendError(
                 f"{self.base_url} refused the API key ({status}): set it in ${self.api_key_env} "

@@ -14,12 +14,14 @@ from typing import Any, ClassVar
 
 from localforge.backends.base import (
     Backend,
+    BackendUnavailable,
     ChatResult,
     Conversation,
     GenerationParams,
     Health,
+    Unsupported,
 )
-from localforge.backends.resilience import endpoint
+from localforge.backends.resilience import Transient, endpoint
 
 
 class ServerBackend(Backend):
@@ -95,6 +97,15 @@ class ServerBackend(Backend):
         except Exception as exc:  # noqa: BLE001 - health reports, it never raises
             return Health(False, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return Health(True, f"{self.base_url} answers; {len(models)} model(s)")
+
+    def transient_or_unsupported(self, status: int, detail: str, probing: bool) -> Exception | None:
+        """The shared reading of an HTTP error status: a rejected structured-output mode while
+        probing, a retryable 429/5xx, or None (the caller maps the rest)."""
+        if probing and status in (400, 422, 500, 501):
+            return Unsupported(f"{self.base_url} rejects this output format ({status}): {detail}")
+        if status == 429 or status >= 500:
+            return Transient(BackendUnavailable(f"{self.base_url} answered {status}: {detail}"))
+        return None
 
     def nothing_answers(self) -> str:
         return f"nothing answers at {self.base_url}: {self.start_hint}, or choose another --backend"

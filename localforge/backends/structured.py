@@ -80,13 +80,13 @@ def extract_json(text: str) -> Any:
         raise JSONExtractionError(f"no JSON object found in the answer: {stripped[:80]!r}") from None
 
 
-def _balanced(s: str, start: int) -> str | None:
-    """The substring from ``start`` to its matching bracket, strings and escapes respected."""
-    stack, in_str, esc = [], False, False
-    pairs = {"{": "}", "[": "]"}
+def _outside_strings(s: str, start: int = 0):
+    """Yield ``(index, char, outside)``; ``outside`` is False inside a JSON string, quotes included."""
+    in_str = esc = False
     for i in range(start, len(s)):
         ch = s[i]
         if in_str:
+            yield i, ch, False
             if esc:
                 esc = False
             elif ch == "\\":
@@ -95,7 +95,19 @@ def _balanced(s: str, start: int) -> str | None:
                 in_str = False
         elif ch == '"':
             in_str = True
-        elif ch in pairs:
+            yield i, ch, False
+        else:
+            yield i, ch, True
+
+
+def _balanced(s: str, start: int) -> str | None:
+    """The substring from ``start`` to its matching bracket, strings and escapes respected."""
+    stack: list[str] = []
+    pairs = {"{": "}", "[": "]"}
+    for i, ch, outside in _outside_strings(s, start):
+        if not outside:
+            continue
+        if ch in pairs:
             stack.append(pairs[ch])
         elif ch in "}]":
             if not stack or stack.pop() != ch:
@@ -107,27 +119,16 @@ def _balanced(s: str, start: int) -> str | None:
 
 def _repair(span: str) -> str:
     """Python literals (True/False/None) outside strings become JSON; trailing commas go."""
-    out, in_str, esc, i = [], False, False, 0
+    inside = {i for i, _, outside in _outside_strings(span) if not outside}
+    out, i = [], 0
     while i < len(span):
-        ch = span[i]
-        if in_str:
-            out.append(ch)
-            if esc:
-                esc = False
-            elif ch == "\\":
-                esc = True
-            elif ch == '"':
-                in_str = False
-            i += 1
-            continue
         for word, repl in (("True", "true"), ("False", "false"), ("None", "null")):
-            if span.startswith(word, i) and not span[i + len(word) : i + len(word) + 1].isalnum():
+            if i not in inside and span.startswith(word, i) and not span[i + len(word) : i + len(word) + 1].isalnum():
                 out.append(repl)
                 i += len(word)
                 break
         else:
-            in_str = ch == '"'
-            out.append(ch)
+            out.append(span[i])
             i += 1
     return _TRAILING_COMMA.sub(r"\1", "".join(out))
 

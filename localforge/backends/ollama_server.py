@@ -92,4 +92,4 @@ class OllamaBackend(ServerBackend):
             raise BackendUnavailable(self.nothing_answers()) from None
 
     def close(self) -> None:
-        self.client._client.close()
+        self.client.close()

@@ -199,6 +199,49 @@ def models_convert(ref: Annotated[str, typer.Argument(help="An alias or .gguf fi
     _out(ensure_hf(resolve(ref)))
 
 
+# --- extract --------------------------------------------------------------------------------
+
+
+@app.command()
+def extract(
+    paths: Annotated[list[Path], typer.Argument(help="Files or folders (PDF, DOCX, PPTX, HTML, Markdown, text).")],
+    out: Annotated[Path, typer.Option("--output", "-o", help="The JSONL file to write (appended; resumable).")] = Path("records.jsonl"),
+    schema: Annotated[str | None, typer.Option("--schema", help="A JSON Schema file for one record, or module:Class (pydantic).")] = None,
+    fields: Annotated[str | None, typer.Option("--fields", help='Inline fields: "title:str, release:str, frequency_mhz:float".')] = None,
+    examples: Annotated[Path | None, typer.Option("--examples", help='Few-shot examples: a JSON list of {"text", "records"}.')] = None,
+    backend: Annotated[str, typer.Option("--backend", "-b")] = "auto",
+    model: Annotated[str, typer.Option("--model", "-m")] = "smollm2-135m",
+    base_url: Annotated[str | None, typer.Option("--base-url")] = None,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0)] = 0.0,
+    passes: Annotated[int, typer.Option("--passes", min=1, help="Independent passes, merged (more recall, more calls).")] = 1,
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="Parallel requests to a server backend.")] = 4,
+    chunk_size: Annotated[int, typer.Option("--chunk-size", min=16, help="Tokens per chunk.")] = 384,
+    overlap: Annotated[int, typer.Option("--overlap", min=0, help="Tokens shared by neighbouring chunks.")] = 48,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Reuse answers from the call cache.")] = True,
+) -> None:
+    """Extract schema-checked, grounded records from documents into JSONL.
+
+    Re-running skips finished documents. Review the result with
+    `localforge extract review OUT.jsonl -o review.html`.
+    """
+    from localforge.extract.cli import run_extract
+
+    code = run_extract(paths, out, schema, fields, examples, backend, model, base_url, temperature,
+                       passes, concurrency, chunk_size, overlap, cache)
+    raise typer.Exit(code)
+
+
+@app.command("extract-review", hidden=True)
+def extract_review(
+    records: Annotated[Path, typer.Argument(help="The JSONL file `extract` wrote.")],
+    out: Annotated[Path, typer.Option("--output", "-o")] = Path("review.html"),
+) -> None:
+    """Write a self-contained HTML page showing each source with its extracted values."""
+    from localforge.extract.review import write_review
+
+    _out(str(write_review(records, out)))
+
+
 # --- entry point ----------------------------------------------------------------------------
 
 
@@ -206,6 +249,8 @@ def main() -> None:
     """Run the app; print a one-line error instead of a traceback for anything expected."""
     from localforge.errors import LocalforgeError
 
+    if sys.argv[1:3] == ["extract", "review"]:  # `extract review` is a subcommand of `extract`
+        sys.argv[1:3] = ["extract-review"]
     try:
         code = app(standalone_mode=False)
     except LocalforgeError as exc:

@@ -22,6 +22,7 @@ from localforge.backends.base import (
     ChatResult,
     GenerationParams,
     InvalidResponse,
+    RequestTooLarge,
     Unsupported,
 )
 from localforge.errors import ConfigError
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Backend", "BackendError", "BackendTimeout", "BackendUnavailable", "Capabilities",
-    "ChatResult", "GenerationParams", "InvalidResponse", "Unsupported",
+    "ChatResult", "GenerationParams", "InvalidResponse", "RequestTooLarge", "Unsupported",
     "REGISTRY", "BackendSpec", "availability", "choose_auto", "get_backend", "backend_class",
 ]
 

@@ -42,6 +42,10 @@ class Unsupported(BackendError):
     """The backend cannot do what was asked (a parameter, a capability)."""
 
 
+class RequestTooLarge(BackendError):
+    """The conversation and max_tokens do not fit the model's context window."""
+
+
 # --- plain data -----------------------------------------------------------------------------
 
 

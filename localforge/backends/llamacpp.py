@@ -12,6 +12,7 @@ from localforge.backends.base import (
     Conversation,
     GenerationParams,
     InvalidResponse,
+    RequestTooLarge,
     Timer,
     Unsupported,
 )
@@ -72,8 +73,13 @@ class LlamaCppBackend(Backend):
             kwargs["response_format"] = {"type": "json_object", "schema": params.json_schema}
         elif params.json_object:
             kwargs["response_format"] = {"type": "json_object"}
-        with Timer() as t:
-            out = self.llm.create_chat_completion(**kwargs)
+        try:
+            with Timer() as t:
+                out = self.llm.create_chat_completion(**kwargs)
+        except ValueError as exc:
+            if "context window" in str(exc):
+                raise RequestTooLarge(f"llamacpp: {exc}; use shorter input or fewer max_tokens, or a larger n_ctx") from None
+            raise
         try:
             choice = out["choices"][0]
             usage = out["usage"]

@@ -19,6 +19,7 @@ from localforge.backends.base import (
     Conversation,
     GenerationParams,
     InvalidResponse,
+    RequestTooLarge,
     Timer,
 )
 from localforge.backends.resilience import Transient
@@ -111,6 +112,8 @@ class OpenAIBackend(ServerBackend):
                 f"{self.base_url} does not serve model '{self.served}' ({status}): "
                 f"see `localforge models list --backend {self.name} --base-url {self.base_url}`"
             )
+        if status == 400 and "context" in detail.lower():
+            return RequestTooLarge(f"{self.base_url}: the request does not fit the context window: {detail}")
         return BackendError(f"{self.base_url} rejected the request ({status}): {detail}")
 
     def list_models(self) -> list[str]:

@@ -194,7 +194,7 @@ def generate_json(
     schema_dict, model_cls = schema_of(schema)
     validator = jsonschema.Draft202012Validator(schema_dict)
     params = params or GenerationParams(max_tokens=512)
-    conv = _with_instruction(conversation, schema_dict)  # every rung benefits from the schema
+    first = conv = _with_instruction(conversation, schema_dict)  # every rung benefits from the schema
     tried: list[Attempt] = []
     modes = [m for m in backend.structured_modes() if m in MODES]
     mode = modes.pop(0)
@@ -219,7 +219,8 @@ def generate_json(
             return model_cls.model_validate(obj) if model_cls else obj
         except ValueError as exc:
             tried.append(Attempt(mode, text, str(exc)))
-            conv = conv + [
+            # Re-ask with only the latest answer and its error, so the prompt does not grow.
+            conv = first + [
                 {"role": "assistant", "content": text},
                 {"role": "user", "content": f"That answer is not valid: {exc}. {_instruction(schema_dict)}"},
             ]

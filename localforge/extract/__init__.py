@@ -1,0 +1,1 @@
+"""Documents -> chunks -> schema-checked, grounded JSONL records (``localforge extract``)."""

@@ -1,0 +1,178 @@
+"""Documents to text with structure, through docling, cached by content hash.
+
+PDF goes through docling's full pipeline (layout, tables, OCR) when its models are available
+locally, and otherwise through the model-free native pipeline (text lines, no table structure).
+Which one ran is reported once per run and written into every record's provenance.
+DOCX, PPTX, HTML and Markdown go through docling's own backends; plain text is read as is.
+
+Pre-fetch the full pipeline's models with docling's tool (`docling-tools models download`), with
+`docling-slim[models-local]` installed, and point ``DOCLING_ARTIFACTS_PATH`` at them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from importlib.util import find_spec
+from pathlib import Path
+
+from localforge.errors import LocalforgeError, MissingDependency
+
+DOCLING_SUFFIXES = {".pdf", ".docx", ".pptx", ".html", ".htm", ".md", ".markdown"}
+TEXT_SUFFIXES = {".txt", ".text"}
+SUPPORTED = DOCLING_SUFFIXES | TEXT_SUFFIXES
+MAX_BYTES = 200 * 1024**2
+
+
+class DocumentError(LocalforgeError):
+    """One file could not be converted; the run goes on with the others."""
+
+
+@dataclass
+class Converted:
+    path: str
+    sha256: str
+    text: str  # Markdown for docling formats
+    pages: list[tuple[int, int, int]] = field(default_factory=list)  # (start, end, page_no)
+    converter: str = ""  # "docling-slim 2.143.0"
+    mode: str = ""  # "docling-standard", "docling-native", "docling", "text"
+
+    def page_at(self, offset: int) -> int | None:
+        for start, end, page in self.pages:
+            if start <= offset < end:
+                return page
+        return None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def full_pipeline_available() -> bool:
+    """docling's layout models are installed and fetched locally (no hub access at run time)."""
+    if find_spec("docling_ibm_models") is None:
+        return False
+    root = os.environ.get("DOCLING_ARTIFACTS_PATH")
+    return bool(root) and Path(root).is_dir() and any(Path(root).iterdir())
+
+
+class Converter:
+    """Converts files, reusing one docling converter and a cache keyed by content hash."""
+
+    def __init__(self, cache_dir: Path | None = None, pdf_mode: str = "auto"):
+        from localforge.models import cache_dir as default_cache
+
+        self.cache_dir = (cache_dir or default_cache()) / "documents"
+        if pdf_mode == "auto":
+            pdf_mode = "standard" if full_pipeline_available() else "native"
+        self.pdf_mode = pdf_mode
+        self._docling = None
+        try:
+            self.version = f"docling-slim {version('docling-slim')}"
+        except PackageNotFoundError:
+            self.version = "docling (not installed)"
+
+    @property
+    def notice(self) -> str:
+        if self.pdf_mode == "native":
+            return ("PDFs use docling's native pipeline (text lines, no layout or table models): "
+                    "its models are not available locally; see `localforge extract --help`")
+        return "PDFs use docling's full pipeline (layout, tables)"
+
+    def _converter(self):
+        if self._docling is None:
+            if find_spec("docling") is None:
+                raise MissingDependency("converting PDF, DOCX, PPTX, HTML and Markdown", "docs", "docling")
+            from docling.datamodel.base_models import InputFormat
+            from docling.document_converter import DocumentConverter, PdfFormatOption
+
+            options = {}
+            if self.pdf_mode == "native":
+                from docling.datamodel.pipeline_options import NativePdfPipelineOptions
+                from docling.pipeline.native_pdf_pipeline import NativePdfPipeline
+
+                options[InputFormat.PDF] = PdfFormatOption(
+                    pipeline_cls=NativePdfPipeline, pipeline_options=NativePdfPipelineOptions())
+            else:
+                from docling.datamodel.pipeline_options import PdfPipelineOptions
+
+                opts = PdfPipelineOptions(artifacts_path=os.environ.get("DOCLING_ARTIFACTS_PATH"))
+                options[InputFormat.PDF] = PdfFormatOption(pipeline_options=opts)
+            self._docling = DocumentConverter(format_options=options)
+        return self._docling
+
+    def convert(self, path: Path) -> Converted:
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix not in SUPPORTED:
+            raise DocumentError(f"{path}: unsupported file type '{suffix or '(none)'}' "
+                                f"(supported: {', '.join(sorted(SUPPORTED))})")
+        size = path.stat().st_size
+        if size == 0:
+            raise DocumentError(f"{path}: empty file")
+        if size > MAX_BYTES:
+            raise DocumentError(f"{path}: {size / 1024**2:.0f} MB is over the {MAX_BYTES // 1024**2} MB limit; split it")
+        sha = sha256_file(path)
+        cached = self.cache_dir / f"{sha}-{self.pdf_mode}.json"
+        if cached.is_file():
+            try:
+                data = json.loads(cached.read_text(encoding="utf-8"))
+                data["pages"] = [tuple(p) for p in data["pages"]]
+                return Converted(**{**data, "path": str(path)})
+            except (ValueError, TypeError, KeyError):
+                pass  # a damaged cache entry: convert again
+        result = self._convert_text(path, sha) if suffix in TEXT_SUFFIXES else self._convert_docling(path, sha)
+        if not result.text.strip():
+            raise DocumentError(f"{path}: no text found (a scanned PDF needs OCR: docling's full pipeline)")
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(result)), encoding="utf-8")
+        tmp.replace(cached)
+        return result
+
+    def _convert_text(self, path: Path, sha: str) -> Converted:
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("cp1252", errors="replace")  # keep going; say how it was read
+            mode = "text (not UTF-8: read as cp1252)"
+        else:
+            mode = "text"
+        return Converted(str(path), sha, text, [], "python", mode)
+
+    def _convert_docling(self, path: Path, sha: str) -> Converted:
+        try:
+            result = self._converter().convert(str(path), raises_on_error=False)
+        except MissingDependency:
+            raise
+        except Exception as exc:  # noqa: BLE001 - docling raises many kinds for bad files
+            raise DocumentError(f"{path}: cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+        status = getattr(result.status, "name", str(result.status))
+        if status not in ("SUCCESS", "PARTIAL_SUCCESS"):
+            errors = "; ".join(e.error_message for e in (result.errors or []))[:160]
+            raise DocumentError(f"{path}: cannot be read ({status.lower()}{': ' + errors if errors else ''})")
+        doc = result.document
+        n_pages = doc.num_pages() if path.suffix.lower() == ".pdf" else 0
+        mode = f"docling-{self.pdf_mode}" if path.suffix.lower() == ".pdf" else "docling"
+        if n_pages <= 1:
+            text = doc.export_to_markdown()
+            return Converted(str(path), sha, text, [(0, len(text), 1)] if n_pages else [], self.version, mode)
+        parts, pages, offset = [], [], 0
+        for page_no in range(1, n_pages + 1):
+            md = doc.export_to_markdown(page_no=page_no)
+            if parts:
+                parts.append("\n\n")
+                offset += 2
+            parts.append(md)
+            pages.append((offset, offset + len(md), page_no))
+            offset += len(md)
+        return Converted(str(path), sha, "".join(parts), pages, self.version, mode)
+

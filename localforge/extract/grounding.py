@@ -1,0 +1,148 @@
+"""Locate every extracted value in the source text.
+
+Exact match first, then a match after normalising whitespace and case, then a fuzzy match above
+a threshold; each found value gets its character span in the document text (and its page when
+the converter knows pages). A value that cannot be located is marked ungrounded, never kept as
+grounded. Numbers are looked up through the ways they are written (``2400``, ``2,400``,
+``2400.0``). The chunk is searched first, then the whole document.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from difflib import SequenceMatcher
+
+FUZZY_THRESHOLD = 0.85
+
+
+@dataclass
+class Grounding:
+    status: str  # "exact", "normalized", "fuzzy", "ungrounded"
+    start: int | None = None
+    end: int | None = None
+    page: int | None = None
+    score: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _normalized(text: str) -> tuple[str, list[int]]:
+    """Case-folded text with whitespace runs collapsed, and each output char's source offset."""
+    out, index, prev_space = [], [], False
+    for i, ch in enumerate(text):
+        if ch.isspace():
+            if prev_space:
+                continue
+            out.append(" ")
+            prev_space = True
+        else:
+            out.append(ch.lower())
+            prev_space = False
+        index.append(i)
+    return "".join(out), index
+
+
+def number_forms(value: float | int) -> list[str]:
+    forms = []
+    if isinstance(value, bool):
+        return [str(value).lower(), str(value)]
+    if float(value).is_integer():
+        n = int(value)
+        forms += [str(n), f"{n:,}", f"{n:,}".replace(",", " "), f"{n:,}".replace(",", ".")]
+    forms += [repr(value) if isinstance(value, float) else str(value)]
+    if isinstance(value, float) and not float(value).is_integer():
+        forms += [f"{value:g}", str(value).replace(".", ",")]
+    seen, unique = set(), []
+    for f in forms:
+        if f not in seen:
+            seen.add(f)
+            unique.append(f)
+    return unique
+
+
+def _find_exact(needle: str, text: str, lo: int, hi: int, word: bool) -> tuple[int, int] | None:
+    if not word:
+        i = text.find(needle, lo, hi)
+        return (i, i + len(needle)) if i >= 0 else None
+    m = re.compile(rf"(?<![\w.]){re.escape(needle)}(?![\w]|\.\d)").search(text, lo, hi)
+    return (m.start(), m.end()) if m else None
+
+
+def _find_normalized(needle: str, text: str, lo: int, hi: int) -> tuple[int, int] | None:
+    norm, index = _normalized(text[lo:hi])
+    want = _normalized(needle.strip())[0]
+    i = norm.find(want) if want else -1
+    if i < 0:
+        return None
+    return lo + index[i], lo + index[i + len(want) - 1] + 1
+
+
+def _find_fuzzy(needle: str, text: str, lo: int, hi: int) -> tuple[int, int, float] | None:
+    want = needle.strip().lower()
+    if len(want) < 4:
+        return None  # too short to match approximately without false hits
+    hay = text[lo:hi].lower()
+    n, best = len(want), (0.0, 0, 0)
+    step = max(1, n // 4)
+    for i in range(0, max(1, len(hay) - n + 1), step):
+        window = hay[i : i + n + n // 4]
+        sm = SequenceMatcher(None, want, window, autojunk=False)
+        blocks = sm.get_matching_blocks()
+        if not blocks or blocks[0].size == 0:
+            continue
+        first, last = blocks[0], [b for b in blocks if b.size][-1]
+        start, end = i + first.b, i + last.b + last.size
+        ratio = SequenceMatcher(None, want, hay[start:end], autojunk=False).ratio()
+        if ratio > best[0]:
+            best = (ratio, start, end)
+    ratio, start, end = best
+    return (lo + start, lo + end, ratio) if ratio >= FUZZY_THRESHOLD else None
+
+
+def ground(value, text: str, span: tuple[int, int] | None = None, page_at=None) -> Grounding:
+    """Locate ``value`` (a string or number) in ``text``, trying ``span`` before the whole text."""
+    ranges = [span, (0, len(text))] if span else [(0, len(text))]
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    needles = number_forms(value) if is_number else [str(value)]
+    if not any(n.strip() for n in needles):
+        return Grounding("ungrounded")
+
+    def done(status, start, end, score=1.0):
+        return Grounding(status, start, end, page_at(start) if page_at else None, round(score, 3))
+
+    for lo, hi in ranges:
+        for needle in needles:
+            hit = _find_exact(needle, text, lo, hi, word=is_number)
+            if hit:
+                return done("exact", *hit)
+    if is_number:
+        return Grounding("ungrounded")
+    for lo, hi in ranges:
+        hit = _find_normalized(needles[0], text, lo, hi)
+        if hit:
+            return done("normalized", *hit)
+    for lo, hi in ranges[:1]:  # fuzzy only where the value came from: elsewhere it is a guess
+        hit = _find_fuzzy(needles[0], text, lo, hi)
+        if hit:
+            return done("fuzzy", *hit)
+    return Grounding("ungrounded")
+
+
+def ground_record(record: dict, text: str, span: tuple[int, int], page_at=None) -> dict:
+    """Grounding for every string or number in a record (lists item by item), by field path."""
+    out: dict[str, dict] = {}
+
+    def walk(value, path: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{path}.{k}" if path else k)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{path}[{i}]")
+        elif isinstance(value, str | int | float) and not isinstance(value, bool):
+            out[path] = ground(value, text, span, page_at).to_dict()
+
+    walk(record, "")
+    return out

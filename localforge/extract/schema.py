@@ -1,0 +1,74 @@
+"""The record schema: a JSON Schema file, a pydantic model (``module:Class``), or inline fields.
+
+The model is asked for ``{"records": [record, ...]}`` per chunk, so one chunk can hold several
+records or none.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+from localforge.errors import ConfigError
+
+_TYPES = {"str": "string", "string": "string", "int": "integer", "integer": "integer",
+          "float": "number", "number": "number", "bool": "boolean", "boolean": "boolean",
+          "list[str]": "array"}
+
+
+def parse_fields(spec: str) -> dict:
+    """``"title:str, release:str, frequency_mhz:float"`` -> a JSON Schema for one record."""
+    props = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, kind = part.partition(":")
+        name, kind = name.strip(), (kind.strip() or "str").lower()
+        if not name.isidentifier():
+            raise ConfigError(f"--fields: '{name}' is not a valid field name (letters, digits, _)")
+        if kind not in _TYPES:
+            raise ConfigError(f"--fields: field '{name}' has unknown type '{kind}' (use {', '.join(sorted(set(_TYPES)))})")
+        props[name] = {"type": _TYPES[kind]} if kind != "list[str]" else {"type": "array", "items": {"type": "string"}}
+    if not props:
+        raise ConfigError("--fields is empty: give fields like \"title:str, year:int\"")
+    return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
+
+
+def load_schema(schema: str | None = None, fields: str | None = None) -> dict:
+    if bool(schema) == bool(fields):
+        raise ConfigError("give exactly one of --schema (a JSON Schema file or module:Class) and --fields")
+    if fields:
+        return parse_fields(fields)
+    path = Path(schema)
+    if path.suffix == ".json" or path.exists():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"--schema {schema}: no such file") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--schema {schema}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    elif ":" in schema:
+        module, _, name = schema.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+            data = cls.model_json_schema()
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f"--schema {schema}: cannot load a pydantic model from it ({exc})") from None
+    else:
+        raise ConfigError(f"--schema {schema}: expected a .json file or module:Class")
+    import jsonschema
+
+    try:
+        jsonschema.Draft202012Validator.check_schema(data)
+    except jsonschema.SchemaError as exc:
+        raise ConfigError(f"--schema {schema}: not a valid JSON Schema: {exc.message}") from None
+    if data.get("type") != "object" or not isinstance(data.get("properties"), dict):
+        raise ConfigError(f"--schema {schema}: the record schema must be an object with properties")
+    return data
+
+
+def chunk_schema(record: dict, max_records: int = 8) -> dict:
+    """What the model returns for one chunk: a list of records. The cap stops small models that
+    repeat one record until they run out of tokens (grammar-constrained engines enforce it)."""
+    return {"type": "object",
+            "properties": {"records": {"type": "array", "items": record, "maxItems": max_records}},
+            "required": ["records"], "additionalProperties": False}

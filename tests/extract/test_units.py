@@ -1,0 +1,182 @@
+"""Chunking, schemas, grounding and conversion, on real corpus files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from localforge.errors import ConfigError
+from localforge.extract.chunking import chunk_text, count_tokens
+from localforge.extract.convert import Converter, DocumentError
+from localforge.extract.grounding import _normalized, ground, ground_record
+from localforge.extract.schema import load_schema, parse_fields
+
+CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpus" / "docling"
+if not CORPUS.is_dir():  # CI clones the project next to shared/
+    CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "corpus" / "docling"
+
+
+# --- chunking ----------------------------------------------------------------------------------
+
+
+def test_chunks_cover_the_text_respect_size_and_keep_headings():
+    text = "# Radio\n\n" + "\n\n".join(f"Paragraph {i} " + "word " * 30 for i in range(12)) + \
+        "\n\n## Bands\n\n| band | MHz |\n|---|---|\n" + "\n".join(f"| b{i} | {900 + i} |" for i in range(40))
+    chunks = chunk_text(text, size=80, overlap=40)
+    assert any(b.start < a.end for a, b in zip(chunks, chunks[1:], strict=False))  # some overlap
+    assert chunks[0].start == 0 and chunks[-1].end == len(text.rstrip())
+    for a, b in zip(chunks, chunks[1:], strict=False):
+        assert b.start > a.start  # always forward
+        assert text[a.end:b.start].strip() == ""  # nothing skipped (overlap is in whole blocks)
+    for c in chunks:
+        body = c.body(text)
+        assert count_tokens(body) <= 80 or "\n" not in body.strip()  # only a single block may exceed
+        for line in body.splitlines():
+            if line.startswith("|"):
+                assert line.endswith("|")  # a table row is never cut
+    assert chunks[-1].headings == ("Radio", "Bands")
+    assert chunks[-1].prompt_text(text).startswith("[Section: Radio > Bands]")
+
+
+@given(st.lists(st.text(alphabet="abc de\n|", min_size=1, max_size=60), min_size=1, max_size=30))
+def test_chunk_spans_always_lie_in_the_text(parts):
+    text = "\n\n".join(parts)
+    for c in chunk_text(text, size=16, overlap=4):
+        assert 0 <= c.start < c.end <= len(text)
+
+
+# --- schemas -----------------------------------------------------------------------------------
+
+
+def test_inline_fields():
+    s = parse_fields("title:str, release:str, frequency_mhz:float, tags:list[str]")
+    assert s["properties"]["frequency_mhz"] == {"type": "number"}
+    assert s["properties"]["tags"] == {"type": "array", "items": {"type": "string"}}
+    assert s["required"] == ["title", "release", "frequency_mhz", "tags"]
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("title:text", "field 'title' has unknown type 'text'"),
+    ("my title:str", "'my title' is not a valid field name"),
+    (" , ", "--fields is empty"),
+])
+def test_bad_fields(spec, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_fields(spec)
+
+
+def test_schema_file_and_module(tmp_path):
+    f = tmp_path / "s.json"
+    f.write_text(json.dumps({"type": "object", "properties": {"a": {"type": "string"}}}))
+    assert load_schema(str(f))["properties"] == {"a": {"type": "string"}}
+    assert "properties" in load_schema("localforge.hardware:Accelerator")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{nope")
+    with pytest.raises(ConfigError, match=r"--schema .*bad.json: not valid JSON \(line 1"):
+        load_schema(str(bad))
+    with pytest.raises(ConfigError, match="give exactly one of --schema"):
+        load_schema(None, None)
+    with pytest.raises(ConfigError, match="no such file"):
+        load_schema(str(tmp_path / "missing.json"))
+
+
+# --- grounding -----------------------------------------------------------------------------------
+
+TEXT = "The Nokia 3310 was released in\nSeptember 2000. It weighs 133 g and cost 2,400 EUR at 900.5 MHz."
+
+
+@pytest.mark.parametrize("value, status, source", [
+    ("Nokia 3310", "exact", "Nokia 3310"),
+    ("september 2000", "normalized", "September 2000"),
+    ("released in September", "normalized", "released in\nSeptember"),
+    ("Nokai 3310 was", "fuzzy", "Nokia 3310 was"),
+    (133, "exact", "133"),
+    (2400, "exact", "2,400"),
+    (900.5, "exact", "900.5"),
+])
+def test_values_are_found_at_their_span(value, status, source):
+    g = ground(value, TEXT)
+    assert g.status == status
+    assert TEXT[g.start:g.end] == source
+
+
+@pytest.mark.parametrize("value", ["Motorola", 13, 3, ""])
+def test_values_not_in_the_text_are_ungrounded(value):
+    g = ground(value, TEXT)
+    assert g.status == "ungrounded" and g.start is None
+
+
+def test_record_grounding_walks_lists_and_pages():
+    pages = lambda offset: 1 if offset < 40 else 2  # noqa: E731
+    out = ground_record({"phone": "Nokia 3310", "facts": ["133 g", "Android"]}, TEXT, (0, len(TEXT)), pages)
+    assert out["phone"]["page"] == 1 and out["facts[0]"]["page"] == 2
+    assert out["facts[1]"]["status"] == "ungrounded"
+
+
+@given(st.text(min_size=1, max_size=80))
+def test_normalized_offsets_point_into_the_source(text):
+    norm, index = _normalized(text)
+    assert len(norm) == len(index)
+    for ch, i in zip(norm, index, strict=True):
+        assert ch == " " and text[i].isspace() or ch == text[i].lower()
+
+
+# --- conversion ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def converter(tmp_path_factory):
+    return Converter(cache_dir=tmp_path_factory.mktemp("conv"))
+
+
+@pytest.mark.parametrize("rel", ["pdf/multi_page.pdf", "docx/word_sample.docx", "html/table_01.html",
+                                 "md/mixed.md", "pdf/2305.03393v1-pg9.pdf"])
+def test_formats_convert(converter, rel):
+    doc = converter.convert(CORPUS / rel)
+    assert doc.text.strip() and len(doc.sha256) == 64
+    if rel.endswith(".pdf"):
+        assert doc.mode == "docling-native" and doc.pages
+        assert doc.pages[0][0] == 0 and doc.pages[-1][1] == len(doc.text)
+    else:
+        assert doc.mode == "docling"
+
+
+def test_pdf_pages_are_where_the_page_text_is(converter):
+    doc = converter.convert(CORPUS / "pdf/multi_page.pdf")
+    assert [p for _, _, p in doc.pages] == list(range(1, len(doc.pages) + 1))
+    start, end, _ = doc.pages[1]
+    assert doc.page_at(start) == 2 and doc.page_at(end - 1) == 2
+
+
+def test_conversion_is_cached_by_content(converter, tmp_path):
+    src = tmp_path / "copy.md"
+    src.write_bytes((CORPUS / "md/duck.md").read_bytes())
+    first = converter.convert(src)
+    entries = set(converter.cache_dir.iterdir())
+    again = converter.convert(src)
+    assert again.text == first.text and set(converter.cache_dir.iterdir()) == entries
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("corrupt.pdf", b"%PDF-1.4\n1 0 obj\n<< /Type /Catalog", "cannot be read"),
+    ("empty.pdf", b"", "empty file"),
+    ("garbage.pdf", bytes(range(256)) * 40, "cannot be read"),
+    ("notes.xyz", b"hello", "unsupported file type '.xyz'"),
+])
+def test_bad_files_are_one_line_errors(converter, tmp_path, name, content, match):
+    f = tmp_path / name
+    f.write_bytes(content)
+    with pytest.raises(DocumentError, match=match) as info:
+        converter.convert(f)
+    assert str(info.value).startswith(str(f)) and "\n" not in str(info.value)
+
+
+def test_non_utf8_text_is_read_and_says_so(converter, tmp_path):
+    f = tmp_path / "latin.txt"
+    f.write_bytes("Café crème at 25 °C".encode("latin-1"))
+    doc = converter.convert(f)
+    assert doc.text == "Café crème at 25 °C" and "not UTF-8" in doc.mode

@@ -39,8 +39,10 @@ lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check localforge tests benchmarks
 
 bench: $(VENV)/.dev-installed
+	$(PIP) -e ".[bench]"
 	$(BIN)/python benchmarks/generation.py
 	$(BIN)/python benchmarks/backends.py
+	$(BIN)/python benchmarks/extract.py
 
 clean:
 	rm -rf $(VENV)

@@ -122,9 +122,8 @@ def conversion(repeats: int = 3) -> dict:
 
 
 def main() -> None:
-    from tests.servers import ALIAS, LlamaServer
-
     from localforge.models import resolve
+    from tests.servers import ALIAS, LlamaServer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/extract.json")

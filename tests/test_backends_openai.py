@@ -60,6 +60,7 @@ def test_json_schema_with_ranges_the_server_does_not_enforce(llama_server):
     """llama.cpp's server rejects response_format json_schema (HTTP 500) and ignores integer
     ranges: the ladder falls to json_object+schema, and validation catches the range."""
     with get_backend("openai", ALIAS, base_url=llama_server.url) as be:
+        be.forget_probes()  # other tests may have probed this server already
         assert be.structured_modes() == ["schema", "json", "prompt"]
         try:
             obj = be.generate_json([{"role": "user", "content": "Invent a person."}], PERSON, attempts=4)

@@ -206,6 +206,10 @@ class Backend(ABC):
     def mark_unsupported(self, mode: str) -> None:
         self._unsupported.setdefault(self._probe_key(), set()).add(mode)
 
+    def forget_probes(self) -> None:
+        """Probe this server and model's structured-output modes again (after an upgrade, say)."""
+        self._unsupported.pop(self._probe_key(), None)
+
     def generate_json(self, conversation: Conversation, schema: Any,
                       params: GenerationParams | None = None, attempts: int = 3) -> Any:
         """An object that validates against ``schema`` (dict or pydantic model); see structured.py."""

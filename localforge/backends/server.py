@@ -61,6 +61,10 @@ class ServerBackend(Backend):
 
     _confirmed: ClassVar[set[tuple]] = set()  # (probe key, mode) pairs that have worked once
 
+    def forget_probes(self) -> None:
+        super().forget_probes()
+        self._confirmed.difference_update({c for c in self._confirmed if c[0] == self._probe_key()})
+
     def _map(self, fn, items: list) -> list:
         """``fn`` over ``items`` in parallel, at most the endpoint's concurrency at once, in order."""
         if len(items) == 1:

@@ -42,19 +42,19 @@ def texts() -> dict[str, str]:
     return {rel: conv.convert(CORPUS / rel).text for rel in DOCS}
 
 
-def run_localforge(url: str, model: str, docs: dict[str, str], workdir: Path) -> dict:
+def run_localforge(url: str, model: str, docs: dict[str, str], workdir: Path, examples: bool = True) -> dict:
     from localforge.extract.pipeline import ExtractSettings, run
     from localforge.extract.schema import parse_fields
 
-    folder = workdir / "lf-docs"
+    folder = workdir / f"lf-docs-{examples}"
     folder.mkdir()
     for rel, text in docs.items():  # the same converted text LangExtract gets
         (folder / (Path(rel).stem + ".md")).write_text(text, encoding="utf-8")
     settings = ExtractSettings(schema=parse_fields(FIELDS), backend="openai", model=model, base_url=url,
                                cache=False, chunk_size=256, max_tokens=256, attempts=2,
-                               examples=[{"text": EXAMPLE_TEXT, "records": EXAMPLE}])
+                               examples=[{"text": EXAMPLE_TEXT, "records": EXAMPLE}] if examples else [])
     t0 = time.perf_counter()
-    s = run([folder], workdir / "lf.jsonl", settings)
+    s = run([folder], workdir / f"lf-{examples}.jsonl", settings)
     seconds = time.perf_counter() - t0
     return {"seconds": round(seconds, 2), "documents_per_s": round(len(docs) / seconds, 3),
             "records": s.records, "values": s.values, "grounded_share": round(s.grounded_share, 3),
@@ -71,6 +71,15 @@ def run_langextract(url: str, model: str, docs: dict[str, str]) -> dict:
               "required": ["extractions"]}
     config = lx.factory.ModelConfig(model_id=model, provider="OpenAILanguageModel", provider_kwargs={
         "base_url": url, "api_key": "not-needed", "response_format": {"type": "json_object", "schema": schema}})
+    import logging
+
+    class Omitted(logging.Handler):  # LangExtract logs (and drops) chunks it cannot parse
+        count = 0
+
+        def emit(self, record):
+            Omitted.count += "Chunk omitted" in record.getMessage()
+
+    logging.getLogger("absl").addHandler(Omitted())
     records = grounded = failures = 0
     t0 = time.perf_counter()
     for text in docs.values():
@@ -88,7 +97,7 @@ def run_langextract(url: str, model: str, docs: dict[str, str]) -> dict:
     seconds = time.perf_counter() - t0
     return {"seconds": round(seconds, 2), "documents_per_s": round(len(docs) / seconds, 3), "records": records,
             "values": records, "grounded_share": round(grounded / records, 3) if records else 0.0,
-            "json_failures": failures, "failed_documents": failures}
+            "json_failures": failures + Omitted.count, "failed_documents": failures}
 
 
 def conversion(repeats: int = 3) -> dict:
@@ -137,6 +146,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             print("localforge ...", file=sys.stderr, flush=True)
             ours = run_localforge(server.url, ALIAS, docs, Path(tmp))
+            bare = run_localforge(server.url, ALIAS, docs, Path(tmp), examples=False)
         print("langextract ...", file=sys.stderr, flush=True)
         theirs = run_langextract(server.url, ALIAS, docs)
     finally:
@@ -148,7 +158,7 @@ def main() -> None:
     table = Table(title=f"extract: {len(docs)} corpus documents, llama.cpp server, SmolLM2-135M")
     for col in ("", "documents/s", "records", "grounded share", "JSON failures", "seconds"):
         table.add_column(col)
-    for name, r in (("localforge", ours), ("LangExtract 1.7", theirs)):
+    for name, r in (("localforge", ours), ("localforge, no example", bare), ("LangExtract 1.7", theirs)):
         table.add_row(name, f"{r['documents_per_s']:.3f}", str(r["records"]), f"{r['grounded_share']:.0%}",
                       str(r["json_failures"]), f"{r['seconds']:.1f}")
     console = Console()
@@ -159,7 +169,7 @@ def main() -> None:
                   f"pages/s ({conv['pages']} pages, {conv['pdfs']} PDFs): ratio {conv['ratio']} (goal >= 0.95)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"documents": DOCS, "localforge": ours, "langextract": theirs,
+    out.write_text(json.dumps({"documents": DOCS, "localforge": ours, "localforge_no_example": bare, "langextract": theirs,
                                "speedup": round(speedup, 2), "conversion": conv}, indent=2))
     print(f"wrote {out}")
 

@@ -166,8 +166,7 @@ class Converter:
             text = doc.export_to_markdown()
             return Converted(str(path), sha, text, [(0, len(text), 1)] if n_pages else [], self.version, mode)
         parts, pages, offset = [], [], 0
-        for page_no in range(1, n_pages + 1):
-            md = doc.export_to_markdown(page_no=page_no)
+        for page_no, md in enumerate(_pages_markdown(doc, n_pages), 1):
             if parts:
                 parts.append("\n\n")
                 offset += 2
@@ -176,3 +175,15 @@ class Converter:
             offset += len(md)
         return Converted(str(path), sha, "".join(parts), pages, self.version, mode)
 
+
+
+_PAGE_BREAK = "\u241cLOCALFORGE-PAGE-BREAK\u241c"
+
+
+def _pages_markdown(doc, n_pages: int) -> list[str]:
+    """Markdown of each page: one export with page-break marks (linear in the document), or,
+    where the marks do not give one part per page (blank pages), one export per page."""
+    parts = doc.export_to_markdown(page_break_placeholder=_PAGE_BREAK).split(_PAGE_BREAK)
+    if len(parts) == n_pages:
+        return [p.strip("\n") for p in parts]
+    return [doc.export_to_markdown(page_no=p) for p in range(1, n_pages + 1)]

@@ -181,9 +181,16 @@ _PAGE_BREAK = "\u241cLOCALFORGE-PAGE-BREAK\u241c"
 
 
 def _pages_markdown(doc, n_pages: int) -> list[str]:
-    """Markdown of each page: one export with page-break marks (linear in the document), or,
-    where the marks do not give one part per page (blank pages), one export per page."""
-    parts = doc.export_to_markdown(page_break_placeholder=_PAGE_BREAK).split(_PAGE_BREAK)
+    """Markdown of each page from one export with page-break marks (linear in the document).
+
+    docling marks a break where the page changes between items, so a page without items gets
+    no part: such pages get empty text. Where the parts still do not line up, fall back to one
+    export per page."""
+    parts = [p.strip("\n") for p in doc.export_to_markdown(page_break_placeholder=_PAGE_BREAK).split(_PAGE_BREAK)]
     if len(parts) == n_pages:
-        return [p.strip("\n") for p in parts]
+        return parts
+    with_items = sorted({prov.page_no for item, _ in doc.iterate_items() for prov in getattr(item, "prov", [])})
+    if len(parts) == len(with_items):
+        by_page = dict(zip(with_items, parts, strict=True))
+        return [by_page.get(p, "") for p in range(1, n_pages + 1)]
     return [doc.export_to_markdown(page_no=p) for p in range(1, n_pages + 1)]

@@ -210,7 +210,8 @@ def extract(
     fields: Annotated[str | None, typer.Option("--fields", help='Inline fields: "title:str, release:str, frequency_mhz:float".')] = None,
     examples: Annotated[Path | None, typer.Option("--examples", help='Few-shot examples: a JSON list of {"text", "records"}.')] = None,
     backend: Annotated[str, typer.Option("--backend", "-b")] = "auto",
-    model: Annotated[str, typer.Option("--model", "-m")] = "smollm2-135m",
+    model: Annotated[str, typer.Option("--model", "-m", help="A model, or SMALL,LARGE to route by document complexity.")] = "smollm2-135m",
+    route: Annotated[str | None, typer.Option("--route", help='When LARGE is used (default "chars>20000|tables>2"); also pages>N.')] = None,
     base_url: Annotated[str | None, typer.Option("--base-url")] = None,
     temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0)] = 0.0,
     passes: Annotated[int, typer.Option("--passes", min=1, help="Independent passes, merged (more recall, more calls).")] = 1,
@@ -226,7 +227,7 @@ def extract(
     """
     from localforge.extract.cli import run_extract
 
-    code = run_extract(paths, out, schema, fields, examples, backend, model, base_url, temperature,
+    code = run_extract(paths, out, schema, fields, examples, backend, model, route, base_url, temperature,
                        passes, concurrency, chunk_size, overlap, cache)
     raise typer.Exit(code)
 

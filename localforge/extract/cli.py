@@ -23,7 +23,7 @@ def _examples(path: Path | None) -> list[dict]:
     return data
 
 
-def run_extract(paths, out, schema, fields, examples, backend, model, base_url, temperature,
+def run_extract(paths, out, schema, fields, examples, backend, model, route, base_url, temperature,
                 passes, concurrency, chunk_size, overlap, cache) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -32,7 +32,7 @@ def run_extract(paths, out, schema, fields, examples, backend, model, base_url, 
     from localforge.extract.schema import load_schema
 
     settings = ExtractSettings(
-        schema=load_schema(schema, fields), backend=backend, model=model, base_url=base_url,
+        schema=load_schema(schema, fields), backend=backend, model=model, route=route, base_url=base_url,
         temperature=temperature, passes=passes, concurrency=concurrency, chunk_size=chunk_size,
         overlap=overlap, cache=cache, examples=_examples(examples),
     )

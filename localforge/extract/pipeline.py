@@ -24,6 +24,7 @@ from typing import Any
 from localforge.extract.chunking import Chunk, chunk_text
 from localforge.extract.convert import SUPPORTED, Converted, Converter, DocumentError
 from localforge.extract.grounding import ground_record
+from localforge.extract.routing import models, parse_rule, pick
 from localforge.extract.schema import chunk_schema
 
 PROMPT_VERSION = "extract-v1"
@@ -45,11 +46,12 @@ class ExtractSettings:
     cache: bool = True
     examples: list[dict] = field(default_factory=list)  # [{"text": ..., "records": [...]}]
     pdf_mode: str = "auto"
+    route: str | None = None  # with two models (--model small,large): when to use the large one
 
     def digest(self) -> str:
         """What decides the records: a re-run with other values is a different job."""
         keys = ("schema", "backend", "model", "base_url", "temperature", "passes", "chunk_size",
-                "overlap", "max_tokens", "attempts", "examples")
+                "overlap", "max_tokens", "attempts", "examples", "route")
         blob = json.dumps({k: getattr(self, k) for k in keys} | {"v": PROMPT_VERSION}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -227,17 +229,26 @@ def run(paths: Iterable[Path], out: Path, settings: ExtractSettings,
         emit("notice", text=converter.notice)
     digest = settings.digest()
     ledger = Ledger(out)
-    own_backend = backend is None
-    if own_backend:
-        options: dict[str, Any] = {"cache": True if settings.cache else None}
-        if settings.base_url:
-            options["base_url"] = settings.base_url
-        from localforge.backends import REGISTRY
+    given = backend
+    backends: dict[str, Any] = {}
 
-        if REGISTRY.get(settings.backend) and REGISTRY[settings.backend].server:
-            options["concurrency"] = settings.concurrency
-        backend = get_backend(settings.backend, settings.model, **options)
-    parallel = settings.concurrency if isinstance(backend, ServerBackend) else 1  # engines in-process are not thread-safe
+    def backend_for(model: str):
+        if given is not None:
+            return given
+        if model not in backends:
+            from localforge.backends import REGISTRY
+
+            options: dict[str, Any] = {"cache": True if settings.cache else None}
+            if settings.base_url:
+                options["base_url"] = settings.base_url
+            if REGISTRY.get(settings.backend) and REGISTRY[settings.backend].server:
+                options["concurrency"] = settings.concurrency
+            backends[model] = get_backend(settings.backend, model, **options)
+        return backends[model]
+
+    models(settings.model)  # a bad --model fails before any work
+    if settings.route:
+        parse_rule(settings.route)
     target = chunk_schema(settings.schema)
     prompt_hash = hashlib.sha256((system_prompt(settings.schema) + PROMPT_VERSION).encode()).hexdigest()[:16]
     try:
@@ -252,11 +263,14 @@ def run(paths: Iterable[Path], out: Path, settings: ExtractSettings,
                 summary.skipped += 1
                 emit("skipped", path=str(path))
                 continue
+            model = pick(settings.model, settings.route, doc.text, len(doc.pages))
+            backend = backend_for(model)
+            parallel = settings.concurrency if isinstance(backend, ServerBackend) else 1  # in-process engines are not thread-safe
             chunks = chunk_text(doc.text, settings.chunk_size, settings.overlap)
-            emit("document", path=str(path), chunks=len(chunks) * settings.passes)
+            emit("document", path=str(path), chunks=len(chunks) * settings.passes, model=model)
             kept: dict[str, tuple[dict, Chunk, int]] = {}
 
-            def one(task: tuple[int, Chunk], text: str = doc.text):
+            def one(task: tuple[int, Chunk], text: str = doc.text, backend=backend):
                 n_pass, chunk = task
                 try:
                     obj = backend.generate_json(conversation(settings, chunk.prompt_text(text)), target,
@@ -280,7 +294,7 @@ def run(paths: Iterable[Path], out: Path, settings: ExtractSettings,
                     ledger.write(ledger.rejects, {
                         "chunk": chunk.index, "span": [chunk.start, chunk.end], "pass": n_pass,
                         "error": str(error), "attempts": [asdict(a) for a in getattr(error, "attempts", [])],
-                        "_provenance": _provenance(doc, chunk, n_pass, backend, settings, digest, prompt_hash)})
+                        "_provenance": _provenance(doc, chunk, n_pass, backend, model, digest, prompt_hash)})
                     continue
                 for rec in records:
                     if isinstance(rec, dict):
@@ -290,15 +304,15 @@ def run(paths: Iterable[Path], out: Path, settings: ExtractSettings,
                 summary.values += len(grounding)
                 summary.grounded += sum(g["status"] != "ungrounded" for g in grounding.values())
                 ledger.write(ledger.out, {**rec, "_grounding": grounding,
-                                          "_provenance": _provenance(doc, chunk, n_pass, backend, settings, digest, prompt_hash)})
+                                          "_provenance": _provenance(doc, chunk, n_pass, backend, model, digest, prompt_hash)})
                 summary.records += 1
             ledger.finish(doc.sha256, digest, str(path), len(kept))
             summary.done += 1
             emit("done", path=str(path), records=len(kept))
     finally:
         ledger.close()
-        if own_backend:
-            backend.close()
+        for be in backends.values():
+            be.close()
     summary.llm_calls = summary.chunks  # one generate_json per chunk and pass (re-asks not counted)
     summary.seconds = time.perf_counter() - t0
     return summary
@@ -312,11 +326,11 @@ def _params(settings: ExtractSettings, n_pass: int):
     return GenerationParams(max_tokens=settings.max_tokens, temperature=temperature, seed=n_pass)
 
 
-def _provenance(doc: Converted, chunk: Chunk, n_pass: int, backend, settings: ExtractSettings,
+def _provenance(doc: Converted, chunk: Chunk, n_pass: int, backend, model: str,
                 digest: str, prompt_hash: str) -> dict:
     return {
         "source": doc.path, "file_sha256": doc.sha256, "converter": doc.converter, "mode": doc.mode,
         "chunk": chunk.index, "chunk_span": [chunk.start, chunk.end], "page": doc.page_at(chunk.start),
-        "backend": backend.name, "model": settings.model, "prompt_hash": prompt_hash, "pass": n_pass,
+        "backend": backend.name, "model": model, "prompt_hash": prompt_hash, "pass": n_pass,
         "settings": digest, "extracted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

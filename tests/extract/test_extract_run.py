@@ -174,3 +174,16 @@ def test_review_page(llama_server, docs, tmp_path):
                     f"--user-data-dir={tmp_path / 'chrome'}", "--window-size=1200,900",
                     f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120)
     assert shot.is_file() and shot.stat().st_size > 10_000
+
+
+def test_routing_sends_complex_documents_to_the_large_model(llama_server, docs, tmp_path):
+    """llama-cpp-python's server answers under any model name, so two names stand for two models."""
+    out = tmp_path / "out.jsonl"
+    settings = _settings(llama_server)
+    settings.model, settings.route = "small-model,large-model", "chars>1000"
+    summary = run([docs / "table_01.html", docs / "duck.md"], out, settings)
+    assert summary.done == 2
+    used = {Path(r["_provenance"]["source"]).name: r["_provenance"]["model"] for r in _rows(out)}
+    assert used.get("table_01.html", "small-model") == "small-model"  # 100 characters
+    assert used.get("duck.md", "large-model") == "large-model"  # 1026 characters
+    assert used, "no records at all: nothing to check the routing on"

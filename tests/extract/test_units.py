@@ -180,3 +180,21 @@ def test_non_utf8_text_is_read_and_says_so(converter, tmp_path):
     f.write_bytes("Café crème at 25 °C".encode("latin-1"))
     doc = converter.convert(f)
     assert doc.text == "Café crème at 25 °C" and "not UTF-8" in doc.mode
+
+
+# --- routing ------------------------------------------------------------------------------------
+
+
+def test_routing_by_complexity():
+    from localforge.extract.routing import measures, pick
+
+    table = "| a | b |\n|---|---|\n| 1 | 2 |\n\n"
+    assert measures(table * 3, 2) == {"chars": len(table) * 3, "tables": 3, "pages": 2}
+    assert pick("small", None, "x" * 10**6, 99) == "small"
+    assert pick("small,large", None, "short text", 1) == "small"
+    assert pick("small,large", None, table * 3, 1) == "large"  # default rule: tables>2
+    assert pick("small,large", "pages>10", "x" * 10**6, 11) == "large"
+    with pytest.raises(ConfigError, match="--route: cannot read 'words>3'"):
+        pick("small,large", "words>3", "", 1)
+    with pytest.raises(ConfigError, match="give one model, or a small and a large one"):
+        pick("a,b,c", None, "", 1)

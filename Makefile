@@ -31,6 +31,8 @@ $(VENV)/.dev-installed: $(BIN)/python pyproject.toml constraints.txt
 demo: $(VENV)/.demo-installed
 	$(BIN)/localforge doctor
 	$(BIN)/localforge generate "What is the capital of France? Answer in one sentence." --model smollm2-135m --max-tokens 64 --verbose
+	$(BIN)/localforge extract examples/radio_spec.md --fields "product:str, maker:str, detail:str" -o demo-out/records.jsonl
+	$(BIN)/localforge extract review demo-out/records.jsonl -o demo-out/review.html
 
 test: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest

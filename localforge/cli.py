@@ -118,21 +118,9 @@ def _server_options(backend: str, base_url: str | None, api_key_env: str, timeou
 
 
 def _read_schema(path: Path) -> dict:
-    from localforge.errors import ConfigError
+    from localforge.jsonfiles import check_json_schema, read_json
 
-    try:
-        schema = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"--json-schema {path}: no such file") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"--json-schema {path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
-    import jsonschema
-
-    try:
-        jsonschema.Draft202012Validator.check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        raise ConfigError(f"--json-schema {path}: not a valid JSON Schema: {exc.message}") from None
-    return schema
+    return check_json_schema(read_json(path, "--json-schema"), f"--json-schema {path}")
 
 
 # --- models ---------------------------------------------------------------------------------

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from localforge.errors import ConfigError
+from localforge.jsonfiles import read_json
 
 
 def _examples(path: Path | None) -> list[dict]:
     if path is None:
         return []
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"--examples {path}: no such file") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"--examples {path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    data = read_json(path, "--examples")
     if not isinstance(data, list) or not all(isinstance(e, dict) and {"text", "records"} <= set(e) for e in data):
         raise ConfigError(f'--examples {path}: expected a list of {{"text": ..., "records": [...]}}')
     return data

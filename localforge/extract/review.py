@@ -76,7 +76,7 @@ def render(rows: list[dict]) -> str:
     grounded = sum(g["status"] != "ungrounded" for r in rows for g in r["_grounding"].values())
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>localforge extract review</title>"
              f"<style>{_CSS}</style></head><body><header><b>localforge extract review</b> — "
-             f"{len(rows)} records from {len(by_doc)} documents; {grounded}/{total} values grounded"
+             f"{len(rows)} record{'' if len(rows) == 1 else 's'} from {len(by_doc)} document{'' if len(by_doc) == 1 else 's'}; {grounded}/{total} values grounded"
              "<div class='legend'><span style='background:#fde68a;color:#222'>exact</span>"
              "<span style='background:#bfdbfe;color:#222'>normalized</span>"
              "<span style='background:#fbcfe8;color:#222'>fuzzy</span>"

@@ -7,10 +7,10 @@ records or none.
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 
 from localforge.errors import ConfigError
+from localforge.jsonfiles import check_json_schema, read_json
 
 _TYPES = {"str": "string", "string": "string", "int": "integer", "integer": "integer",
           "float": "number", "number": "number", "bool": "boolean", "boolean": "boolean",
@@ -40,12 +40,7 @@ def load_schema(schema: str | None = None, fields: str | None = None) -> dict:
         return parse_fields(fields)
     path = Path(schema)
     if path.suffix == ".json" or path.exists():
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"--schema {schema}: no such file") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"--schema {schema}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        data = read_json(path, "--schema")
     elif ":" in schema:
         module, _, name = schema.partition(":")
         try:
@@ -55,12 +50,7 @@ def load_schema(schema: str | None = None, fields: str | None = None) -> dict:
             raise ConfigError(f"--schema {schema}: cannot load a pydantic model from it ({exc})") from None
     else:
         raise ConfigError(f"--schema {schema}: expected a .json file or module:Class")
-    import jsonschema
-
-    try:
-        jsonschema.Draft202012Validator.check_schema(data)
-    except jsonschema.SchemaError as exc:
-        raise ConfigError(f"--schema {schema}: not a valid JSON Schema: {exc.message}") from None
+    check_json_schema(data, f"--schema {schema}")
     if data.get("type") != "object" or not isinstance(data.get("properties"), dict):
         raise ConfigError(f"--schema {schema}: the record schema must be an object with properties")
     return data

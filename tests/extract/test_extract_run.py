@@ -19,11 +19,10 @@ from localforge.extract.convert import Converter
 from localforge.extract.grounding import _normalized, number_forms
 from localforge.extract.pipeline import ExtractSettings, run, sidecar
 from localforge.extract.schema import parse_fields
-from tests.extract.test_units import CORPUS
-from tests.helpers import run_cli
+from tests.helpers import CORPUS, needs_corpus, run_cli
 from tests.servers import ALIAS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, needs_corpus]
 
 FIELDS = "name:str, detail:str"
 DOCS = ["md/duck.md", "html/table_01.html", "pdf/2305.03393v1-pg9.pdf"]

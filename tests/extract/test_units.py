@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -14,11 +13,7 @@ from localforge.extract.chunking import chunk_text, count_tokens
 from localforge.extract.convert import Converter, DocumentError
 from localforge.extract.grounding import _normalized, ground, ground_record
 from localforge.extract.schema import load_schema, parse_fields
-
-CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpus" / "docling"
-if not CORPUS.is_dir():  # CI clones the project next to shared/
-    CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "corpus" / "docling"
-
+from tests.helpers import CORPUS, needs_corpus
 
 # --- chunking ----------------------------------------------------------------------------------
 
@@ -133,6 +128,7 @@ def converter(tmp_path_factory):
     return Converter(cache_dir=tmp_path_factory.mktemp("conv"))
 
 
+@needs_corpus
 @pytest.mark.parametrize("rel", ["pdf/multi_page.pdf", "docx/word_sample.docx", "html/table_01.html",
                                  "md/mixed.md", "pdf/2305.03393v1-pg9.pdf"])
 def test_formats_convert(converter, rel):
@@ -145,6 +141,7 @@ def test_formats_convert(converter, rel):
         assert doc.mode == "docling"
 
 
+@needs_corpus
 def test_pdf_pages_are_where_the_page_text_is(converter):
     doc = converter.convert(CORPUS / "pdf/multi_page.pdf")
     assert [p for _, _, p in doc.pages] == list(range(1, len(doc.pages) + 1))
@@ -152,6 +149,7 @@ def test_pdf_pages_are_where_the_page_text_is(converter):
     assert doc.page_at(start) == 2 and doc.page_at(end - 1) == 2
 
 
+@needs_corpus
 def test_conversion_is_cached_by_content(converter, tmp_path):
     src = tmp_path / "copy.md"
     src.write_bytes((CORPUS / "md/duck.md").read_bytes())

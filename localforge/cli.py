@@ -231,6 +231,24 @@ def extract_review(
     _out(str(write_review(records, out)))
 
 
+# --- finetune -------------------------------------------------------------------------------
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def finetune(
+    ctx: typer.Context,
+    config: Annotated[Path, typer.Argument(help="The YAML config; any key can be overridden as key=value.")],
+    backend: Annotated[str | None, typer.Option("--backend", "-b", help="auto, mlx or torch (overrides the config).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan for this machine; do not train.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="With --dry-run: print the plan as JSON.")] = False,
+) -> None:
+    """Plan (and, in a coming release, run) LoRA fine-tuning from one config on MLX or torch."""
+    from localforge.finetune.cli import run_finetune
+
+    overrides = list(ctx.args) + ([f"backend={backend}"] if backend else [])
+    run_finetune(config, overrides, dry_run, as_json)
+
+
 # --- entry point ----------------------------------------------------------------------------
 
 

@@ -234,9 +234,13 @@ def examples() -> dict[str, HardwareProfile]:
         memory_bytes=2048 * GiB, available_memory_bytes=1900 * GiB,
         accelerators=[h100.model_copy() for _ in range(4)],
     )
+    one_h100 = HardwareProfile(
+        os="linux", arch="x86_64", chip="Intel(R) Xeon(R) Platinum 8480+", cpu_cores=26,
+        memory_bytes=256 * GiB, available_memory_bytes=240 * GiB, accelerators=[h100.model_copy()],
+    )
     laptop = HardwareProfile(
         os="linux", arch="x86_64", chip="Intel(R) Core(TM) i7-1165G7", cpu_cores=8,
         memory_bytes=16 * GiB, available_memory_bytes=10 * GiB,
     )
-    return {"m3-max-128gb": m3, "4x-h100-80gb": cluster, "cpu-laptop-16gb": laptop}
+    return {"m3-max-128gb": m3, "1x-h100-80gb": one_h100, "4x-h100-80gb": cluster, "cpu-laptop-16gb": laptop}
 

@@ -1,0 +1,204 @@
+"""The hardware planner: a pure function from (hardware profile, model shape, config) to a plan.
+
+It picks the backend, dtype, batch size, accumulation, LoRA rank and layers (when ``auto``) and
+gradient checkpointing, and predicts the peak memory of one training process from a simple
+model of what training holds: the weights, the trainable parameters with their gradients and
+Adam states, the activations kept for the backward pass, the logits, and the runtime itself.
+Pure, so it can be tested with profiles of machines we do not have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from localforge.finetune.config import FinetuneConfig
+from localforge.hardware import GiB, HardwareProfile
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+RUNTIME_BYTES = {"cpu": 400 * 1024**2, "cuda": 600 * 1024**2, "metal": 300 * 1024**2, "mps": 400 * 1024**2}
+TARGET_EFFECTIVE_BATCH = 16
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied_embeddings: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def params(self) -> int:
+        per_layer = (2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_dim
+                     + 3 * self.hidden * self.intermediate + 2 * self.hidden)
+        embed = self.vocab * self.hidden
+        return embed * (1 if self.tied_embeddings else 2) + self.layers * per_layer + self.hidden
+
+    def module_dims(self, name: str) -> tuple[int, int]:
+        h, kv, i = self.hidden, self.kv_dim, self.intermediate
+        dims = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        if name not in dims:
+            raise KeyError(name)
+        return dims[name]
+
+    @classmethod
+    def from_hf_config(cls, path: str | Path) -> ModelShape:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+        return cls(hidden=cfg["hidden_size"], intermediate=cfg["intermediate_size"],
+                   layers=cfg["num_hidden_layers"], heads=cfg["num_attention_heads"],
+                   kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+                   vocab=cfg["vocab_size"], tied_embeddings=cfg.get("tie_word_embeddings", False))
+
+
+@dataclass
+class Plan:
+    backend: str
+    device: str  # "cpu", "cuda", "metal", "mps"
+    dtype: str
+    batch_size: int
+    grad_accum: int
+    lora_rank: int | None
+    lora_layers: int | None
+    gradient_checkpointing: bool
+    predicted_peak_bytes: int
+    memory_budget_bytes: int
+    processes: int = 1
+    reasons: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _device(profile: HardwareProfile, backend: str) -> str:
+    if backend == "mlx":
+        return "metal" if profile.mlx_device == "gpu" else "cpu"
+    if profile.has_cuda:
+        return "cuda"
+    if profile.mps:
+        return "mps"
+    return "cpu"
+
+
+def _dtype(profile: HardwareProfile, device: str, requested: str) -> str:
+    if requested != "auto":
+        return requested
+    if device == "cuda":
+        return "bf16" if all(a.bf16 for a in profile.cuda_devices) else "fp16"
+    if device == "metal":
+        return "bf16"
+    return "fp32"  # CPU and MPS train in fp32
+
+
+def _budget(profile: HardwareProfile, device: str) -> int:
+    if device == "cuda":
+        return int(min(a.memory_bytes for a in profile.cuda_devices) * 0.9)
+    if device in ("metal", "mps"):
+        return int(profile.memory_bytes * 0.7)  # Metal's default working-set limit is about 70-75%
+    return int(profile.available_memory_bytes * 0.8)
+
+
+def trainable_params(shape: ModelShape, method: str, rank: int, targets: list[str], layers: int) -> int:
+    if method == "full":
+        return shape.params
+    per_layer = sum(rank * sum(shape.module_dims(t)) for t in targets)
+    if method == "dora":
+        per_layer += sum(shape.module_dims(t)[1] for t in targets)  # the magnitude vectors
+    return per_layer * layers
+
+
+def predict_peak(shape: ModelShape, *, method: str, dtype: str, batch: int, seq: int, rank: int,
+                 targets: list[str], layers: int, checkpointing: bool, device: str) -> int:
+    b = DTYPE_BYTES[dtype]
+    weights = shape.params * b
+    trainable = trainable_params(shape, method, rank, targets, layers)
+    optimizer = trainable * 4 * 3 + (trainable * 4 if dtype != "fp32" else 0)  # grads, Adam m and v, fp32 master
+    tokens = batch * seq
+    # kept per token and layer for backward: layer inputs, q/k/v, attention output, MLP in/out
+    # and its gate/up/activation; plus the attention scores and probabilities (heads x seq)
+    per_token_layer = (6 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate) * b
+    per_token_layer += 2 * shape.heads * seq * 4
+    if checkpointing:
+        activations = tokens * shape.layers * shape.hidden * b + tokens * per_token_layer
+    else:
+        activations = tokens * shape.layers * per_token_layer
+    logits = tokens * shape.vocab * 4 * 3  # logits, log-softmax and their gradient, in fp32
+    return int(weights + optimizer + activations + logits + RUNTIME_BYTES[device])
+
+
+def plan(profile: HardwareProfile, shape: ModelShape, cfg: FinetuneConfig,
+         available: dict[str, bool] | None = None) -> Plan:
+    """Choose everything ``auto`` in ``cfg`` for ``profile``; explain each choice in ``reasons``."""
+    available = available or {"torch": True, "mlx": True}
+    reasons: list[str] = []
+    backend = cfg.backend
+    if backend == "auto":
+        if profile.apple_silicon and available.get("mlx"):
+            backend, why = "mlx", "Apple Silicon: MLX on Metal"
+        elif available.get("torch"):
+            backend, why = "torch", "CUDA GPU: torch" if profile.has_cuda else "no Apple GPU: torch"
+        else:
+            backend, why = "mlx", "torch is not installed"
+        reasons.append(f"backend {backend} ({why})")
+    device = _device(profile, backend)
+    dtype = _dtype(profile, device, cfg.dtype)
+    processes = max(1, len(profile.cuda_devices)) if device == "cuda" else 1
+
+    rank = cfg.lora.rank
+    if rank == "auto":
+        rank = 8 if shape.params < 1e9 else 16 if shape.params < 10e9 else 32
+        reasons.append(f"LoRA rank {rank} for {shape.params / 1e9:.2f}B parameters")
+    layers = cfg.lora.layers
+    if layers in (None, "auto"):
+        layers = shape.layers
+    layers = min(int(layers), shape.layers)
+
+    budget = _budget(profile, device)
+    cap = 32 if device == "cuda" else 16 if device == "metal" else 4
+    candidates = [b for b in (32, 16, 8, 4, 2, 1) if b <= cap]
+
+    def peak(batch: int, ckpt: bool) -> int:
+        return predict_peak(shape, method=cfg.method, dtype=dtype, batch=batch, seq=cfg.max_seq_length,
+                            rank=int(rank), targets=cfg.lora.targets, layers=layers, checkpointing=ckpt,
+                            device=device)
+
+    ckpt_options = [cfg.gradient_checkpointing] if isinstance(cfg.gradient_checkpointing, bool) else [False, True]
+    batch, ckpt = None, ckpt_options[0]
+    if cfg.batch_size != "auto":
+        batch = int(cfg.batch_size)
+        ckpt = next((c for c in ckpt_options if peak(batch, c) <= budget), ckpt_options[-1])
+    else:
+        for c in ckpt_options:  # prefer no checkpointing (faster) when a batch fits without it
+            batch = next((b for b in candidates if peak(b, c) <= budget), None)
+            if batch is not None:
+                ckpt = c
+                break
+        if batch is None:
+            batch, ckpt = 1, ckpt_options[-1]
+            reasons.append("even batch 1 exceeds the memory budget: expect swapping or out-of-memory")
+        reasons.append(f"batch {batch}: the largest of {candidates} whose predicted peak fits "
+                       f"{budget / GiB:.1f} GiB")
+    if ckpt and cfg.gradient_checkpointing == "auto":
+        reasons.append("gradient checkpointing on: activations would not fit otherwise")
+    accum = cfg.grad_accum
+    if accum == "auto":
+        accum = max(1, math.ceil(TARGET_EFFECTIVE_BATCH / (batch * processes)))
+        reasons.append(f"accumulation {accum}: effective batch {batch * processes * accum}")
+    return Plan(backend=backend, device=device, dtype=dtype, batch_size=batch, grad_accum=int(accum),
+                lora_rank=None if cfg.method == "full" else int(rank),
+                lora_layers=None if cfg.method == "full" else layers,
+                gradient_checkpointing=ckpt, predicted_peak_bytes=peak(batch, ckpt),
+                memory_budget_bytes=budget, processes=processes, reasons=reasons)

@@ -1,0 +1,128 @@
+"""Config, data and the hardware planner (pure: tested with machines we do not have)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from localforge.errors import ConfigError
+from localforge.finetune.config import load_config
+from localforge.finetune.data import load_data
+from localforge.finetune.planner import ModelShape, plan, predict_peak
+from localforge.hardware import examples
+from tests.helpers import run_cli
+
+SMOL = ModelShape(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49152)
+LLAMA70 = ModelShape(hidden=8192, intermediate=28672, layers=80, heads=64, kv_heads=8, vocab=128256,
+                     tied_embeddings=False)
+CONFIG = """model: smollm2-135m
+data: data/
+method: lora
+lora: {rank: 8, alpha: 16, dropout: 0.0, targets: [q_proj, v_proj]}
+steps: 100
+batch_size: auto
+learning_rate: 2.0e-4
+max_seq_length: 512
+seed: 0
+eval_every: 50
+save_every: 50
+output_dir: runs/my-run
+"""
+
+
+@pytest.fixture
+def project(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text(
+        '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}\n'
+        '{"prompt": "2+2=", "completion": "4"}\n')
+    (tmp_path / "data" / "valid.jsonl").write_text('{"text": "hello world"}\n')
+    (tmp_path / "config.yaml").write_text(CONFIG)
+    return tmp_path
+
+
+def test_shapes_count_parameters():
+    assert SMOL.params == 134_515_008  # SmolLM2-135M, as its weights have
+    assert 70.0e9 < LLAMA70.params < 71.0e9
+
+
+def test_the_issue_config_loads_with_overrides(project):
+    cfg = load_config(project / "config.yaml", ["lora.rank=16", "steps=5", "lora.targets=[q_proj, k_proj]"])
+    assert (cfg.lora.rank, cfg.steps, cfg.lora.targets, cfg.batch_size) == (16, 5, ["q_proj", "k_proj"], "auto")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("method=qlora", "config key 'method': expected 'lora', 'dora' or 'full', got 'qlora'"),
+    ("lora.rnk=3", "config key 'lora.rnk' is not known"),
+    ("batch_size=big", "config key 'batch_size': expected a whole number or 'auto', got 'big'"),
+    ("learning_rate=-1", "config key 'learning_rate': input should be greater than 0"),
+    ("epochs=2", "config: give steps or epochs, not both"),
+    ("nonsense", "override 'nonsense': write key=value"),
+])
+def test_bad_configs_name_the_key(project, override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(project / "config.yaml", [override])
+
+
+def test_bad_yaml_names_the_line(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("data: x\nlora: {rank: 8\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: not valid YAML \(line \d\)"):
+        load_config(f)
+
+
+def test_data_formats_and_bad_rows(project, tmp_path):
+    ds = load_data(project / "data")
+    assert ds.formats == {"train": ["chat", "completion"], "valid": ["text"]}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n{"foo": 1}\n')
+    with pytest.raises(ConfigError, match=r"bad.jsonl line 2: the last message must be the assistant's .* \(2 more bad rows\)"):
+        load_data(bad)
+    with pytest.raises(ConfigError, match="has no train.jsonl"):
+        load_data(tmp_path)
+
+
+@pytest.mark.parametrize("machine, backend, device, dtype, batch, processes", [
+    ("m3-max-128gb", "mlx", "metal", "bf16", 16, 1),
+    ("1x-h100-80gb", "torch", "cuda", "bf16", 32, 1),
+    ("4x-h100-80gb", "torch", "cuda", "bf16", 32, 4),
+    ("cpu-laptop-16gb", "torch", "cpu", "fp32", 4, 1),
+])
+def test_plans_for_machines_we_do_not_have(project, machine, backend, device, dtype, batch, processes):
+    p = plan(examples()[machine], SMOL, load_config(project / "config.yaml"))
+    assert (p.backend, p.device, p.dtype, p.batch_size, p.processes) == (backend, device, dtype, batch, processes)
+    assert p.batch_size * p.grad_accum * p.processes >= 16 and not p.gradient_checkpointing
+    assert p.predicted_peak_bytes <= p.memory_budget_bytes
+
+
+def test_a_70b_model_needs_checkpointing_and_says_when_it_cannot_fit(project):
+    cfg = load_config(project / "config.yaml", ["max_seq_length=4096", "lora.rank=auto"])
+    p = plan(examples()["1x-h100-80gb"], LLAMA70, cfg)
+    assert p.batch_size == 1 and p.gradient_checkpointing and p.lora_rank == 32
+    assert any("even batch 1 exceeds" in r for r in p.reasons)
+
+
+def test_peak_grows_with_batch_and_shrinks_with_checkpointing():
+    kw = dict(method="lora", dtype="fp32", seq=512, rank=8, targets=["q_proj", "v_proj"], layers=30, device="cpu")
+    peaks = [predict_peak(SMOL, batch=b, checkpointing=False, **kw) for b in (1, 2, 4)]
+    assert peaks == sorted(peaks)
+    assert predict_peak(SMOL, batch=4, checkpointing=True, **kw) < peaks[-1]
+
+
+def test_explicit_values_are_kept(project):
+    cfg = load_config(project / "config.yaml", ["batch_size=2", "grad_accum=3", "backend=mlx", "dtype=fp32"])
+    p = plan(examples()["4x-h100-80gb"], SMOL, cfg)
+    assert (p.backend, p.batch_size, p.grad_accum, p.dtype) == ("mlx", 2, 3, "fp32")
+
+
+@pytest.mark.slow
+def test_dry_run_json(project, smol):
+    out = run_cli("finetune", str(project / "config.yaml"), "--dry-run", "--json", "max_seq_length=256")
+    assert out.returncode == 0, out.stderr
+    p = json.loads(out.stdout)
+    for key in ("backend", "dtype", "batch_size", "grad_accum", "gradient_checkpointing", "predicted_peak_bytes"):
+        assert key in p
+    assert p["data"] == {"train": 2, "valid": 1} and p["model_params"] == SMOL.params
+    bad = run_cli("finetune", str(project / "config.yaml"), "--dry-run", "method=qlora")
+    assert bad.returncode == 1 and bad.stderr.startswith("error: ") and len(bad.stderr.splitlines()) == 1

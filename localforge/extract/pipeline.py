@@ -67,7 +67,6 @@ class Summary:
     rejects: int = 0
     values: int = 0
     grounded: int = 0
-    llm_calls: int = 0
     seconds: float = 0.0
     notices: list[str] = field(default_factory=list)
 
@@ -313,7 +312,6 @@ def run(paths: Iterable[Path], out: Path, settings: ExtractSettings,
         ledger.close()
         for be in backends.values():
             be.close()
-    summary.llm_calls = summary.chunks  # one generate_json per chunk and pass (re-asks not counted)
     summary.seconds = time.perf_counter() - t0
     return summary
 

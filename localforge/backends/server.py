@@ -22,6 +22,7 @@ from localforge.backends.base import (
     Unsupported,
 )
 from localforge.backends.resilience import Transient, endpoint
+from localforge.models import resolve
 
 
 class ServerBackend(Backend):
@@ -40,7 +41,9 @@ class ServerBackend(Backend):
         super().__init__(model, **options)
         self.base_url = (base_url or (self.url_env and os.environ.get(self.url_env)) or self.default_url).rstrip("/")
         self.timeout = float(timeout)
-        self.served = model.split(":", 1)[1] if model.startswith("ollama:") else model
+        # The registry reads server names (``ollama:TAG``, repo ids, served names); an alias or a
+        # locally cached repo id is sent as written. "" lists models without naming one.
+        self.served = (resolve(model, allow_served=True).served_name or model) if model else ""
         self.endpoint = endpoint(self.base_url, concurrency)
 
     # --- for subclasses ------------------------------------------------------------------------

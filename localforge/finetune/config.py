@@ -47,7 +47,12 @@ class FinetuneConfig(BaseModel):
     packing: bool = False
     seed: int = 0
     eval_every: int = Field(50, ge=1)
+    eval_batches: int | None = Field(None, ge=1, description="cap on validation batches per evaluation")
     save_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept; older ones are deleted")
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    num_processes: int | Auto = Field("auto", description="training processes (accelerate launch); auto: one per GPU")
     output_dir: str = "runs/run"
 
     @model_validator(mode="after")

@@ -155,7 +155,12 @@ def plan(profile: HardwareProfile, shape: ModelShape, cfg: FinetuneConfig,
         reasons.append(f"backend {backend} ({why})")
     device = _device(profile, backend)
     dtype = _dtype(profile, device, cfg.dtype)
-    processes = max(1, len(profile.cuda_devices)) if device == "cuda" else 1
+    processes = cfg.num_processes
+    if processes == "auto":
+        processes = max(1, len(profile.cuda_devices)) if device == "cuda" else 1
+        if processes > 1:
+            reasons.append(f"{processes} processes, one per GPU (DDP through accelerate)")
+    processes = int(processes)
 
     rank = cfg.lora.rank
     if rank == "auto":
@@ -167,6 +172,8 @@ def plan(profile: HardwareProfile, shape: ModelShape, cfg: FinetuneConfig,
     layers = min(int(layers), shape.layers)
 
     budget = _budget(profile, device)
+    if device != "cuda":
+        budget //= processes  # processes on one CPU or Apple GPU share its memory
     cap = 32 if device == "cuda" else 16 if device == "metal" else 4
     candidates = [b for b in (32, 16, 8, 4, 2, 1) if b <= cap]
 

@@ -1,0 +1,190 @@
+"""The torch training engine: PEFT LoRA/DoRA (or full fine-tuning) with a lean loop.
+
+No Trainer class in between: forward, a summed cross-entropy over the learned tokens divided
+by the step's token count, backward, clip, AdamW. Launched by ``accelerate launch`` with
+several processes, it wraps the model in DDP through ``accelerate.Accelerator`` (gloo on CPU,
+NCCL on CUDA); alone it runs plain torch. Packed rows go in with ``position_ids`` that restart
+per sequence and no attention mask, from which transformers builds a block-diagonal mask.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from localforge.backends.torch.generate import pick_device, pick_dtype
+from localforge.backends.training import IGNORE, Batch, TrainSetup
+from localforge.hardware import default_threads
+from localforge.models import quiet_transformers
+
+
+class TorchTrainer:
+    def __init__(self, setup: TrainSetup):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.setup, self.torch = setup, torch
+        torch.set_num_threads(setup.threads or default_threads())
+        quiet_transformers()
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.accelerator = None
+        if self.world_size > 1:
+            from accelerate import Accelerator
+
+            self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+            self.device = self.accelerator.device
+        else:
+            self.device = torch.device(pick_device())
+        self.rank = self.accelerator.process_index if self.accelerator else 0
+        _seed_everything(setup.seed)
+        model = AutoModelForCausalLM.from_pretrained(setup.model_path, dtype=pick_dtype(str(self.device), setup.dtype))
+        if setup.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        if setup.method != "full":
+            model = self._with_lora(model)
+        self.model = model.to(self.device).train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.trainable_params = sum(p.numel() for p in self.params)
+        self.total_params = sum(p.numel() for p in self.model.parameters())
+        self.optimizer = torch.optim.AdamW(self.params, lr=0.0, weight_decay=setup.weight_decay)
+        self.wrapped = self.model
+        if self.accelerator:
+            self.wrapped, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+
+    def _with_lora(self, model):
+        from peft import LoraConfig, get_peft_model
+
+        s = self.setup
+        layers = model.config.num_hidden_layers
+        config = LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=list(s.targets),
+                            layers_to_transform=list(range(layers - s.layers, layers)) if s.layers else None,
+                            use_dora=s.method == "dora", task_type="CAUSAL_LM", bias="none")
+        return get_peft_model(model, config)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def _loss_sum(self, model, batch: Batch):
+        torch = self.torch
+        ids = torch.from_numpy(batch.input_ids).long().to(self.device)
+        if batch.packed:  # transformers reads the packing off position ids restarting at 0
+            kwargs = {"position_ids": torch.from_numpy(batch.position_ids).long().to(self.device)}
+        else:
+            kwargs = {"attention_mask": torch.from_numpy(batch.attention_mask).to(self.device)}
+        labels = torch.from_numpy(batch.labels).long().to(self.device)
+        logits = model(input_ids=ids, use_cache=False, **kwargs).logits
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                                                 ignore_index=IGNORE, reduction="sum")
+
+    def step(self, micro_batches: list[Batch], lr: float, step_tokens: int) -> float:
+        torch = self.torch
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        # DDP averages gradients over processes: scale up so the result is the global token mean
+        scale = self.world_size / max(1, step_tokens)
+        total = torch.zeros((), device=self.device)
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            sync = nullcontext() if last or not self.accelerator else self.accelerator.no_sync(self.wrapped)
+            with sync:
+                loss = self._loss_sum(self.wrapped, batch)
+                (loss * scale).backward()
+            total += loss.detach()
+        if self.setup.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.setup.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return self._sum_over_processes(total)
+
+    def eval_loss(self, batches: list[Batch]) -> tuple[float, int]:
+        torch = self.torch
+        self.model.eval()
+        total, tokens = 0.0, 0
+        with torch.no_grad():
+            for batch in batches:
+                total += float(self._loss_sum(self.model, batch))
+                tokens += batch.tokens
+        self.model.train()
+        return total, tokens
+
+    def _sum_over_processes(self, value) -> float:
+        if self.accelerator:
+            value = self.accelerator.reduce(value, reduction="sum")
+        return float(value)
+
+    # -- saving and resuming --------------------------------------------------------------------
+    def save_adapter(self, out: Path) -> dict[str, Any]:
+        out = Path(out)
+        self.model.save_pretrained(out)  # PEFT records the base folder as base_model_name_or_path
+        return {"format": "peft" if self.setup.method != "full" else "hf", "path": str(out),
+                "trainable_params": self.trainable_params}
+
+    def save_state(self, out: Path) -> None:
+        torch = self.torch
+        out = Path(out)
+        if self.rank == 0:  # under DDP every process holds the same optimizer state
+            torch.save(self.optimizer.state_dict(), out / "optimizer.pt")
+        torch.save(_rng_state(torch), out / f"rng-{self.rank}.pt")
+
+    def load_state(self, src: Path) -> None:
+        torch = self.torch
+        from safetensors.torch import load_file
+
+        src = Path(src)
+        if self.setup.method == "full":
+            from transformers.modeling_utils import load_sharded_checkpoint
+
+            if (src / "model.safetensors").exists():
+                self.model.load_state_dict(load_file(src / "model.safetensors"), strict=False)
+            else:
+                load_sharded_checkpoint(self.model, str(src))
+        else:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.model, load_file(src / "adapter_model.safetensors"))
+        self.optimizer.load_state_dict(torch.load(src / "optimizer.pt", map_location=self.device, weights_only=True))
+        rng = src / f"rng-{self.rank}.pt"
+        _set_rng_state(torch, torch.load(rng if rng.exists() else src / "rng-0.pt", weights_only=False))
+
+    def agree(self, flag: bool) -> bool:
+        """True on every process when it is True on any (a Ctrl-C seen by one stops all)."""
+        if not self.accelerator:
+            return flag
+        return bool(self.accelerator.reduce(self.torch.tensor([float(flag)], device=self.device), "sum").item())
+
+    def barrier(self) -> None:
+        if self.accelerator:
+            self.accelerator.wait_for_everyone()
+
+    def close(self) -> None:
+        if self.accelerator:
+            self.accelerator.end_training()
+
+
+def _seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state(torch) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(torch, state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

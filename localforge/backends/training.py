@@ -1,0 +1,108 @@
+"""What a training engine offers the engine-neutral fine-tuning driver (``localforge.finetune``).
+
+An engine (``backends/torch/train.py``, ``backends/mlx/train.py``) builds the model with its
+adapter from a ``TrainSetup`` and does one optimizer step on the micro-batches it is handed.
+Everything else (data order, learning-rate schedule, when to evaluate and save, progress,
+resume bookkeeping, reports) lives in ``finetune/`` and is the same for every engine.
+
+Batches are plain numpy arrays, already shifted: ``labels[b, t]`` is the token the model should
+predict after reading ``input_ids[b, : t + 1]``, or -100 where nothing is learned (the prompt,
+padding, and the last token of each packed segment). ``segment_ids`` numbers the packed
+sequences of a row (1, 2, ...; 0 for padding); attention must not cross them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+IGNORE = -100
+
+# engine name -> "module:Class"; the module is imported only when that engine trains
+TRAINERS = {
+    "torch": "localforge.backends.torch.train:TorchTrainer",
+    "mlx": "localforge.backends.mlx.train:MLXTrainer",
+}
+
+
+@dataclass
+class Batch:
+    input_ids: np.ndarray  # [B, T] int32, right-padded with the pad id
+    labels: np.ndarray  # [B, T] int32, shifted; IGNORE where nothing is learned
+    segment_ids: np.ndarray  # [B, T] int32: 1, 2, ... per packed sequence, 0 for padding
+    position_ids: np.ndarray  # [B, T] int32: restart at 0 in every segment
+
+    @property
+    def tokens(self) -> int:
+        """Tokens the loss is taken over."""
+        return int((self.labels != IGNORE).sum())
+
+    @property
+    def packed(self) -> bool:
+        return bool(self.segment_ids.max(initial=0) > 1)
+
+    @property
+    def attention_mask(self) -> np.ndarray:
+        return (self.segment_ids > 0).astype(np.int32)
+
+
+@dataclass
+class TrainSetup:
+    model_path: str  # a HF folder
+    method: str = "lora"  # lora, dora, full
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    layers: int | None = None  # adapt the last N layers; None: all
+    dtype: str = "fp32"  # fp32, bf16, fp16
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    threads: int | None = None
+
+
+class Trainer(Protocol):
+    """One engine's model, adapter and optimizer."""
+
+    rank: int  # this process, 0 when training alone
+    world_size: int
+    trainable_params: int
+    total_params: int
+
+    def step(self, micro_batches: list[Batch], lr: float, step_tokens: int) -> float:
+        """One optimizer step over ``micro_batches`` (this process's share of the step).
+
+        The loss is normalised by ``step_tokens``, the loss tokens of the whole step across all
+        processes, so accumulation and process count do not change the gradient. Returns the
+        summed loss of the step over all processes (divide by ``step_tokens`` for the mean).
+        """
+
+    def eval_loss(self, batches: list[Batch]) -> tuple[float, int]:
+        """Summed loss and loss-token count over ``batches``, with no gradient."""
+
+    def save_adapter(self, out: Path) -> dict[str, Any]:
+        """Write the adapter (or full weights) in the engine's native format; return its description."""
+
+    def save_state(self, out: Path) -> None:
+        """Write everything resume needs beside the adapter: optimizer state and RNG state."""
+
+    def load_state(self, src: Path) -> None:
+        """Load the adapter, optimizer and RNG state written by ``save_adapter`` + ``save_state``."""
+
+    def close(self) -> None:
+        """Release distributed groups and memory."""
+
+
+def get_trainer(name: str, setup: TrainSetup) -> Trainer:
+    from localforge.errors import ConfigError
+
+    if name not in TRAINERS:
+        raise ConfigError(f"backend '{name}' cannot train: choose one of {', '.join(TRAINERS)}")
+    module, cls = TRAINERS[name].split(":")
+    return getattr(importlib.import_module(module), cls)(setup)

@@ -1,0 +1,99 @@
+"""What a run leaves for people: ``manifest.json`` and ``loss.png``.
+
+The manifest says what ran where (hardware, package versions, seed, the full config, the data
+files' hashes, the plan) and how it went (status, steps, final losses, tokens/s, peak memory).
+``metrics.jsonl`` holds one line per step and per evaluation; the PNG is drawn from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+
+PACKAGES = ("localforge", "torch", "transformers", "peft", "accelerate", "mlx", "mlx-lm", "numpy")
+
+
+def sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def final_metrics(rows: list[dict]) -> dict:
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_loss" in r]
+    out: dict = {}
+    if train:
+        out["final_train_loss"] = train[-1]["loss"]
+        out["steps"] = train[-1]["step"]
+    if evals:
+        out["final_eval_loss"] = evals[-1]["eval_loss"]
+    return out
+
+
+def plot_loss(rows: list[dict], out: Path, title: str) -> Path | None:
+    """Train loss per step (and its running mean) with eval loss points; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        steps, loss = [r["step"] for r in train], [r["loss"] for r in train]
+        ax.plot(steps, loss, color="#9ecae1", lw=1, label="train loss")
+        k = max(1, len(loss) // 20)
+        smooth = [sum(loss[max(0, i - k + 1):i + 1]) / len(loss[max(0, i - k + 1):i + 1]) for i in range(len(loss))]
+        ax.plot(steps, smooth, color="#3182bd", lw=2, label=f"train loss (mean of {k})")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", color="#e6550d",
+                label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,355 @@
+"""A fine-tuning run, start to finish, and its resume: the engine-neutral driver.
+
+``start`` validates the config, plans for this machine and writes the run folder:
+
+    RUN_DIR/config.yaml      the config as run: every ``auto`` replaced by the planned value
+    RUN_DIR/run.json         the model folder, the plan and the data files' hashes
+    RUN_DIR/metrics.jsonl    one line per step ({"step", "loss", ...}) and per evaluation
+    RUN_DIR/checkpoints/step-00000050/   adapter + optimizer + RNG + trainer_state.json
+    RUN_DIR/adapter/         the final adapter in the engine's native format
+    RUN_DIR/manifest.json, RUN_DIR/loss.png
+
+``train`` runs (or continues) the run in a folder: it loads the newest checkpoint if there is
+one, so resuming is the same call. Data order is a pure function of (seed, step), and the
+learning rate of (config, step), so adapter + optimizer + RNG + step is all a resume needs to
+follow the curve of an uninterrupted run. Ctrl-C finishes the current step, saves a checkpoint
+and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+from localforge.errors import ConfigError, LocalforgeError
+from localforge.finetune.config import FinetuneConfig, load_config
+from localforge.finetune.planner import Plan
+from localforge.finetune.report import (
+    final_metrics,
+    peak_rss_bytes,
+    plot_loss,
+    read_metrics,
+    sha256,
+    versions,
+    write_json,
+)
+
+
+class TrainingInterrupted(LocalforgeError):
+    exit_code = 130
+
+
+def lr_at(step: int, total: int, cfg: FinetuneConfig) -> float:
+    """Learning rate of 0-based ``step``: linear warmup, then constant, linear or cosine decay to 0."""
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    if cfg.lr_schedule == "linear":
+        return cfg.learning_rate * (1 - progress)
+    if cfg.lr_schedule == "cosine":
+        return cfg.learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.learning_rate
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path).resolve()
+        self.config = self.path / "config.yaml"
+        self.info = self.path / "run.json"
+        self.metrics = self.path / "metrics.jsonl"
+        self.manifest = self.path / "manifest.json"
+        self.plot = self.path / "loss.png"
+        self.adapter = self.path / "adapter"
+        self.checkpoints = self.path / "checkpoints"
+
+    def exists(self) -> bool:
+        return self.info.exists()
+
+    def checkpoint_dirs(self) -> list[Path]:
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted(p for p in self.checkpoints.glob("step-*") if (p / "trainer_state.json").exists())
+
+    def latest(self) -> Path | None:
+        dirs = self.checkpoint_dirs()
+        return dirs[-1] if dirs else None
+
+    def append_metric(self, row: dict) -> None:
+        with open(self.metrics, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def truncate_metrics(self, step: int) -> None:
+        """Forget what was logged after ``step`` (the steps a resume will redo)."""
+        rows = [r for r in read_metrics(self.metrics) if r["step"] <= step]
+        self.metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+# -- starting --------------------------------------------------------------------------------------
+def _data_path(cfg: FinetuneConfig, config_path: Path | None) -> Path:
+    path = Path(cfg.data).expanduser()
+    if not path.is_absolute() and not path.exists() and config_path is not None:
+        path = config_path.parent / path  # relative to the config file
+    return path.resolve()
+
+
+def prepare(config_path: str | Path | None, overrides: list[str] = ()):
+    """Config, data, model folder, shape and plan for this machine; nothing written."""
+    from localforge.backends import availability
+    from localforge.finetune.data import load_data
+    from localforge.finetune.planner import ModelShape, plan
+    from localforge.hardware import HardwareProfile
+    from localforge.models import ensure_hf, resolve
+
+    cfg = load_config(config_path, overrides)
+    cfg.data = str(_data_path(cfg, Path(config_path) if config_path else None))
+    data = load_data(cfg.data)
+    model_path = ensure_hf(resolve(cfg.model))
+    shape = ModelShape.from_hf_config(model_path)
+    available = {name: availability(name)[0] for name in ("torch", "mlx")}
+    return cfg, data, model_path, shape, plan(HardwareProfile.detect(), shape, cfg, available)
+
+
+def _as_run(cfg: FinetuneConfig, p: Plan) -> dict:
+    """The config with every ``auto`` replaced by what the plan chose."""
+    out = cfg.model_dump()
+    out.update(backend=p.backend, batch_size=p.batch_size, grad_accum=p.grad_accum, dtype=p.dtype,
+               gradient_checkpointing=p.gradient_checkpointing, num_processes=p.processes)
+    if p.lora_rank is not None:
+        out["lora"].update(rank=p.lora_rank, layers=p.lora_layers)
+    return out
+
+
+def start(config_path: str | Path | None, overrides: list[str] = ()) -> tuple[RunDir, Plan]:
+    """Validate, plan, and write a new run folder (refusing to overwrite a run)."""
+    cfg, data, model_path, shape, p = prepare(config_path, overrides)
+    run = RunDir(cfg.output_dir)
+    if run.exists():
+        raise ConfigError(f"{run.path} already holds a run: continue it with `localforge finetune resume "
+                          f"{run.path}`, or set output_dir to a new folder")
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.config.write_text(yaml.safe_dump(_as_run(cfg, p), sort_keys=False))
+    write_json(run.info, {"model_path": model_path, "model_params": shape.params, "plan": p.to_dict(),
+                          "data_files": {s: {"path": f, "sha256": sha256(f)} for s, f in data.files.items()},
+                          "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return run, p
+
+
+def reopen(run_dir: str | Path, overrides: list[str] = ()) -> tuple[RunDir, Plan]:
+    """Check a run folder before resuming it; apply overrides (e.g. ``steps=400``) to its config."""
+    run = RunDir(run_dir)
+    if not run.exists():
+        raise ConfigError(f"{run.path} is not a localforge run folder (no run.json): give the output_dir of a run")
+    cfg = load_config(run.config, overrides)
+    info = json.loads(run.info.read_text())
+    for split, f in info["data_files"].items():
+        if not Path(f["path"]).exists() or sha256(f["path"]) != f["sha256"]:
+            raise ConfigError(f"{f['path']} ({split} data) changed or is gone since the run began: resuming would "
+                              f"not replay the same data; restore it, or start a new run")
+    if overrides:
+        run.config.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    return run, Plan(**info["plan"])
+
+
+# -- training --------------------------------------------------------------------------------------
+@contextmanager
+def _stop_on_signal():
+    """SIGINT/SIGTERM set a flag the loop checks after each step; a second Ctrl-C stops at once."""
+    flag = {"stop": False}
+
+    def handler(signum, frame):
+        if flag["stop"]:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+
+    try:
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: no handlers
+        old = {}
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _setup(cfg: FinetuneConfig, model_path: str):
+    from localforge.backends.training import TrainSetup
+
+    return TrainSetup(model_path=model_path, method=cfg.method, rank=int(cfg.lora.rank), alpha=cfg.lora.alpha,
+                      dropout=cfg.lora.dropout, targets=list(cfg.lora.targets),
+                      layers=None if cfg.lora.layers in (None, "auto") else int(cfg.lora.layers),
+                      dtype=cfg.dtype, gradient_checkpointing=bool(cfg.gradient_checkpointing), seed=cfg.seed,
+                      weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
+
+
+def _progress(enabled: bool, total: int, start: int):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+                        TextColumn("eval {task.fields[eval]}"), TimeRemainingColumn(), disable=not enabled,
+                        transient=False)
+    task = progress.add_task("train", total=total, completed=start, loss="-", tps="-", eval="-")
+    return progress, task
+
+
+def train(run_dir: str | Path, progress: bool = True, stop_after: int | None = None) -> dict:
+    """Run or continue the run in ``run_dir``; return its manifest.
+
+    ``stop_after`` ends the session after that many steps as Ctrl-C would (checkpoint and exit
+    with ``TrainingInterrupted``): for tests and for splitting a run across sessions.
+    """
+    from transformers import AutoTokenizer
+
+    from localforge.backends.training import get_trainer
+    from localforge.finetune.batches import Schedule, as_rows, encode_all, eval_batches
+    from localforge.finetune.data import load_data
+    from localforge.models import quiet_transformers
+
+    run = RunDir(run_dir)
+    cfg = load_config(run.config)
+    info = json.loads(run.info.read_text())
+    Plan(**info["plan"])
+    quiet_transformers()
+    tok = AutoTokenizer.from_pretrained(info["model_path"])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    data = load_data(cfg.data)
+    seqs = encode_all(tok, data.splits["train"], cfg.mask_prompt, cfg.max_seq_length, where=data.files["train"])
+    sched = Schedule(as_rows(seqs, cfg.packing, cfg.max_seq_length, cfg.seed), int(cfg.batch_size),
+                     int(cfg.grad_accum), int(cfg.num_processes), cfg.seed, pad)
+    total = cfg.steps or sched.steps_for_epochs(cfg.epochs)
+    valid = None
+    if "valid" in data.splits:
+        vseqs = encode_all(tok, data.splits["valid"], cfg.mask_prompt, cfg.max_seq_length, where=data.files["valid"])
+        valid = eval_batches(vseqs, int(cfg.batch_size), pad, cfg.eval_batches)
+
+    trainer = get_trainer(cfg.backend, _setup(cfg, info["model_path"]))
+    if trainer.world_size != sched.world_size:
+        raise ConfigError(f"config num_processes={sched.world_size} but {trainer.world_size} processes are "
+                          f"running: launch with `localforge finetune` (it starts accelerate itself)")
+    main = trainer.rank == 0
+    agree = getattr(trainer, "agree", lambda flag: flag)
+    barrier = getattr(trainer, "barrier", lambda: None)
+    step = 0
+    resumed_from = None
+    if (ckpt := run.latest()) is not None:
+        trainer.load_state(ckpt)
+        step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+        resumed_from = str(ckpt)
+        if main:
+            run.truncate_metrics(step)
+    history = read_metrics(run.metrics)
+    began, train_seconds, tokens_seen = time.time(), 0.0, 0
+    manifest = _manifest(run, cfg, info, trainer, "running", history, resumed_from, 0.0, 0)
+    if main:
+        write_json(run.manifest, manifest)
+
+    bar, task = _progress(progress and main, total, step)
+    interrupted = False
+    with _stop_on_signal() as flag, bar:
+        while step < total:
+            lr = lr_at(step, total, cfg)
+            step_tokens = sched.step_tokens(step)
+            t0 = time.perf_counter()
+            loss = trainer.step(sched.micro_batches(step, trainer.rank), lr, step_tokens) / max(1, step_tokens)
+            seconds = time.perf_counter() - t0
+            inputs = sum(len(s) for row in sched.step_rows(step) for s in row)
+            train_seconds += seconds
+            tokens_seen += inputs
+            step += 1
+            row = {"step": step, "loss": loss, "lr": lr, "tokens": inputs, "loss_tokens": step_tokens,
+                   "seconds": round(seconds, 4)}
+            history.append(row)
+            if main:
+                run.append_metric(row)
+            fields = {"loss": f"{loss:.3f}", "tps": f"{tokens_seen / train_seconds:.0f}"}
+            if valid and (step % cfg.eval_every == 0 or step == total):
+                s, n = trainer.eval_loss(valid)
+                history.append({"step": step, "eval_loss": s / max(1, n)})
+                fields["eval"] = f"{s / max(1, n):.3f}"
+                if main:
+                    run.append_metric(history[-1])
+            bar.update(task, completed=step, **fields)
+            interrupted = agree(flag["stop"] or (stop_after is not None and step >= stop_after and step < total))
+            if step % cfg.save_every == 0 or step == total or interrupted:
+                _checkpoint(run, trainer, step, total, lr, cfg.keep_checkpoints, main, barrier)
+            if interrupted:
+                break
+
+    saved = trainer.save_adapter(run.adapter) if step >= total and main else None
+    status = "completed" if step >= total else "interrupted"
+    manifest = _manifest(run, cfg, info, trainer, status, history, resumed_from, train_seconds, tokens_seen,
+                         wall=time.time() - began, adapter=saved)
+    if main:
+        write_json(run.manifest, manifest)
+        plot_loss(history, run.plot, f"{cfg.model} {cfg.method} on {cfg.backend} ({Path(cfg.data).name})")
+    trainer.close()
+    if interrupted:
+        raise TrainingInterrupted(f"stopped at step {step} of {total}; checkpoint saved in {run.latest()}: "
+                                  f"continue with `localforge finetune resume {run.path}`")
+    return manifest
+
+
+def _checkpoint(run: RunDir, trainer, step: int, total: int, lr: float, keep: int, main: bool, barrier) -> None:
+    """Write checkpoints/step-N atomically (a temp folder renamed into place), then prune old ones."""
+    final = run.checkpoints / f"step-{step:08d}"
+    tmp = run.checkpoints / f".step-{step:08d}.tmp"
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    if main:
+        trainer.save_adapter(tmp)
+    trainer.save_state(tmp)
+    barrier()
+    if main:
+        write_json(tmp / "trainer_state.json", {"step": step, "total_steps": total, "lr": lr})
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in run.checkpoint_dirs()[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def _manifest(run: RunDir, cfg: FinetuneConfig, info: dict, trainer, status: str, history: list[dict],
+              resumed_from: str | None, train_seconds: float, tokens: int, wall: float = 0.0,
+              adapter: dict | None = None) -> dict:
+    from localforge.hardware import HardwareProfile
+
+    metrics = final_metrics(history)
+    metrics.update(train_seconds=round(train_seconds, 3), wall_seconds=round(wall, 3),
+                   tokens_per_second=round(tokens / train_seconds, 2) if train_seconds else None,
+                   peak_rss_bytes=peak_rss_bytes(), trainable_params=trainer.trainable_params,
+                   total_params=trainer.total_params)
+    return {
+        "status": status,
+        "run_dir": str(run.path.resolve()),
+        "model": cfg.model,
+        "model_path": info["model_path"],
+        "adapter": adapter,
+        "resumed_from": resumed_from,
+        "seed": cfg.seed,
+        "config": cfg.model_dump(),
+        "plan": info["plan"],
+        "data_files": info["data_files"],
+        "hardware": json.loads(HardwareProfile.detect().model_dump_json()),
+        "versions": versions(),
+        "processes": trainer.world_size,
+        "metrics": metrics,
+    }
+
+
+__all__ = ["RunDir", "TrainingInterrupted", "lr_at", "prepare", "reopen", "start", "train"]

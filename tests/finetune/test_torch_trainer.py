@@ -1,0 +1,87 @@
+"""The torch engine on a tiny random Llama: learning, packing, accumulation and exact resume."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from localforge.backends.training import TrainSetup
+from localforge.finetune.batches import as_rows, collate, encode_all, pack
+from localforge.finetune.data import parse_row
+from tests.finetune.conftest import TRAIN_ROWS
+
+pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def seqs(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    return tok, encode_all(tok, [parse_row(r) for r in TRAIN_ROWS], mask_prompt=True, max_len=128)
+
+
+def trainer(path, **kw):
+    from localforge.backends.torch.train import TorchTrainer
+
+    kw.setdefault("targets", ["q_proj", "v_proj", "gate_proj"])
+    return TorchTrainer(TrainSetup(model_path=path, rank=4, alpha=8, threads=1, **kw))
+
+
+def test_packed_rows_have_the_loss_of_the_sequences_alone(tiny_llama, seqs):
+    tok, enc = seqs
+    t = trainer(tiny_llama)
+    group = enc[:6]
+    packed = collate(pack(group, 512), tok.pad_token_id)
+    assert packed.packed and packed.input_ids.shape[0] == 1
+    alone = [collate([[s]], tok.pad_token_id) for s in group]
+    p_loss, p_tokens = t.eval_loss([packed])
+    a_loss, a_tokens = t.eval_loss(alone)
+    assert p_tokens == a_tokens == sum(sum(s.learn[1:]) for s in group)
+    assert p_loss == pytest.approx(a_loss, rel=1e-6)
+    # and the block mask is what makes it so: one attention span over the row gives another loss
+    leaky = copy.deepcopy(packed)
+    leaky.position_ids[:] = range(leaky.position_ids.shape[1])
+    leaky.segment_ids[:] = 1
+    assert abs(t.eval_loss([leaky])[0] - a_loss) > 1e-4 * a_loss  # a random model barely uses context
+
+
+def test_learns_and_only_the_adapter_moves(tiny_llama, seqs):
+    tok, enc = seqs
+    t = trainer(tiny_llama, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    base = {n: p.detach().clone() for n, p in t.model.named_parameters() if not p.requires_grad}
+    batch = collate([[s] for s in enc[:4]], tok.pad_token_id)
+    losses = [t.step([batch], 1e-2, batch.tokens) / batch.tokens for _ in range(15)]
+    # from a random start (10.8 nats, uniform over 49k tokens) a rank-4 adapter gains ~0.7 nats here
+    assert losses[-1] < losses[0] - 0.4, losses
+    assert all((p == base[n]).all() for n, p in t.model.named_parameters() if not p.requires_grad)
+
+
+def test_accumulation_equals_one_big_batch(tiny_llama, seqs):
+    tok, enc = seqs
+    a, b = trainer(tiny_llama), trainer(tiny_llama)
+    rows = [[s] for s in enc[:4]]
+    whole = collate(rows, tok.pad_token_id)
+    halves = [collate(rows[:2], tok.pad_token_id), collate(rows[2:], tok.pad_token_id)]
+    assert a.step([whole], 1e-3, whole.tokens) == pytest.approx(b.step(halves, 1e-3, whole.tokens), rel=1e-5)
+    for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters(), strict=True):
+        assert (p - q).abs().max() < 1e-6, n
+
+
+def test_resume_from_saved_state_continues_exactly(tiny_llama, seqs, tmp_path):
+    tok, enc = seqs
+    rows = as_rows(enc, packing=False, max_len=128, seed=0)
+    batches = [collate(rows[i:i + 4], tok.pad_token_id) for i in range(0, 16, 4)]
+
+    def run(t, bs):
+        return [t.step([b], 5e-3, b.tokens) for b in bs]
+
+    straight = run(trainer(tiny_llama, dropout=0.1), batches)
+    first = trainer(tiny_llama, dropout=0.1)
+    run(first, batches[:2])
+    first.save_adapter(tmp_path)
+    first.save_state(tmp_path)
+    second = trainer(tiny_llama, dropout=0.1, seed=123)  # a different seed: state must come from disk
+    second.load_state(tmp_path)
+    assert run(second, batches[2:]) == pytest.approx(straight[2:], rel=1e-6)

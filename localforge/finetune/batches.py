@@ -154,10 +154,17 @@ class Schedule:
     def steps_for_epochs(self, epochs: float) -> int:
         return max(1, math.ceil(epochs * len(self.rows) / self.rows_per_step))
 
+    def _order(self, epoch: int) -> np.ndarray:
+        cache = self.__dict__.setdefault("_orders", {})
+        if epoch not in cache:
+            if len(cache) > 2:
+                cache.clear()
+            cache[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
+        return cache[epoch]
+
     def _row(self, i: int) -> list[Encoded]:
         epoch, k = divmod(i, len(self.rows))
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
-        return self.rows[order[k]]
+        return self.rows[self._order(epoch)[k]]
 
     def step_rows(self, step: int) -> list[list[Encoded]]:
         start = step * self.rows_per_step

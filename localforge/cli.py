@@ -23,6 +23,9 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="List, inspect and prepare models (offline).", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+adapters_app = typer.Typer(help="Convert LoRA adapters between mlx-lm and PEFT; fuse them into a model.",
+                           no_args_is_help=True)
+app.add_typer(adapters_app, name="adapters")
 
 
 def _out(text: str) -> None:
@@ -68,6 +71,7 @@ def generate(
     timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds per call, retries included (servers).")] = 120.0,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Reuse answers from the call cache.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print usage and timing to stderr.")] = False,
+    adapter: Annotated[Path | None, typer.Option("--adapter", help="A LoRA adapter folder (mlx-lm or PEFT) to load on the model (torch, mlx).")] = None,
 ) -> None:
     """Answer one prompt with a local model (or a server) and print the answer."""
     from localforge.backends import GenerationParams, get_backend
@@ -85,7 +89,8 @@ def generate(
     # converts it once, about 20 s for SmolLM2-135M); nothing when stderr is not a terminal.
     with Console(stderr=True).status(f"loading {model} ({backend}) ...", spinner="dots"):
         be = get_backend(backend, model, cache=cache or None,
-                         **_server_options(backend, base_url, api_key_env, timeout))
+                         **_server_options(backend, base_url, api_key_env, timeout),
+                         **({"adapter": str(adapter)} if adapter else {}))
     with be:
         if schema is not None:
             _out(json.dumps(be.generate_json(messages, schema, params), ensure_ascii=False))
@@ -234,6 +239,9 @@ def extract_review(
 # --- finetune -------------------------------------------------------------------------------
 
 
+_PROCESS_OPTIONS = "multi-process (accelerate)"
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 def finetune(
     ctx: typer.Context,
@@ -241,12 +249,65 @@ def finetune(
     backend: Annotated[str | None, typer.Option("--backend", "-b", help="auto, mlx or torch (overrides the config).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan for this machine; do not train.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="With --dry-run: print the plan as JSON.")] = False,
+    num_processes: Annotated[int | None, typer.Option("--num-processes", help="Training processes in all (accelerate launch); default: one per GPU.", rich_help_panel=_PROCESS_OPTIONS)] = None,
+    num_machines: Annotated[int, typer.Option("--num-machines", rich_help_panel=_PROCESS_OPTIONS)] = 1,
+    machine_rank: Annotated[int, typer.Option("--machine-rank", rich_help_panel=_PROCESS_OPTIONS)] = 0,
+    main_process_ip: Annotated[str | None, typer.Option("--main-process-ip", rich_help_panel=_PROCESS_OPTIONS)] = None,
+    main_process_port: Annotated[int | None, typer.Option("--main-process-port", rich_help_panel=_PROCESS_OPTIONS)] = None,
+    accelerate_config: Annotated[str | None, typer.Option("--accelerate-config", help="An `accelerate config` file (FSDP, DeepSpeed, multi-node).", rich_help_panel=_PROCESS_OPTIONS)] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")] = True,
 ) -> None:
-    """Plan (and, in a coming release, run) LoRA fine-tuning from one config on MLX or torch."""
+    """LoRA/DoRA/full fine-tuning from one config, on MLX or torch, planned for this machine.
+
+    `localforge finetune resume RUN_DIR [key=value ...]` continues a stopped run exactly.
+    """
     from localforge.finetune.cli import run_finetune
+    from localforge.finetune.launch import Launch
 
     overrides = list(ctx.args) + ([f"backend={backend}"] if backend else [])
-    run_finetune(config, overrides, dry_run, as_json)
+    launch = Launch(num_processes or 0, num_machines, machine_rank, main_process_ip, main_process_port,
+                    accelerate_config)
+    run_finetune(config, overrides, dry_run, as_json, launch, progress)
+
+
+@app.command("finetune-resume", hidden=True, context_settings={"allow_extra_args": True})
+def finetune_resume(
+    ctx: typer.Context,
+    run_dir: Annotated[Path, typer.Argument(help="The output_dir of a stopped run.")],
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")] = True,
+) -> None:
+    """Continue a stopped run from its newest checkpoint (adapter, optimizer, schedule, data order, RNG)."""
+    from localforge.finetune.cli import resume_finetune
+
+    resume_finetune(run_dir, list(ctx.args), None, progress)
+
+
+# --- adapters -------------------------------------------------------------------------------
+
+
+@adapters_app.command("convert")
+def adapters_convert(
+    adapter: Annotated[Path, typer.Argument(help="An adapter folder (mlx-lm or PEFT).")],
+    to: Annotated[str, typer.Option("--to", help="The format to write: mlx or peft.")],
+    out: Annotated[Path, typer.Option("--output", "-o", help="The folder to write (new or empty).")],
+    base: Annotated[str | None, typer.Option("--base", help="The base model, if the adapter config does not name one that resolves.")] = None,
+) -> None:
+    """Convert a LoRA (or DoRA) adapter between mlx-lm and PEFT; print the new folder."""
+    from localforge.finetune.adapters import convert
+
+    _out(str(convert(adapter, to, out, base)))
+
+
+@adapters_app.command("fuse")
+def adapters_fuse(
+    adapter: Annotated[Path, typer.Argument(help="An adapter folder (mlx-lm or PEFT).")],
+    out: Annotated[Path, typer.Option("--output", "-o", help="The model folder to write (new or empty).")],
+    base: Annotated[str | None, typer.Option("--base", help="The base model (default: the one the adapter config names).")] = None,
+) -> None:
+    """Merge an adapter into its base model: a plain HF folder any backend loads; print it."""
+    from localforge.finetune.adapters import fuse
+
+    _out(str(fuse(adapter, out, base)))
 
 
 # --- entry point ----------------------------------------------------------------------------
@@ -256,8 +317,8 @@ def main() -> None:
     """Run the app; print a one-line error instead of a traceback for anything expected."""
     from localforge.errors import LocalforgeError
 
-    if sys.argv[1:3] == ["extract", "review"]:  # `extract review` is a subcommand of `extract`
-        sys.argv[1:3] = ["extract-review"]
+    if sys.argv[1:3] in (["extract", "review"], ["finetune", "resume"]):  # sub-subcommands
+        sys.argv[1:3] = ["-".join(sys.argv[1:3])]
     try:
         code = app(standalone_mode=False)
     except LocalforgeError as exc:

@@ -142,12 +142,20 @@ def get_backend(name: str = "auto", model: str | None = None, **options: Any) ->
     from localforge.models import DEFAULT_MODEL
 
     model = model or DEFAULT_MODEL
+    adapter = options.get("adapter")
     if name == "auto":
-        name = resolve_auto(model)
-    return backend_class(name)(model, **options)
+        name = resolve_auto(model, adapter=bool(adapter))
+    cls = backend_class(name)
+    if adapter and not cls.capabilities.lora_adapters:
+        raise Unsupported(
+            f"the {name} backend cannot load LoRA adapters here: use --backend torch or mlx, "
+            "or `localforge adapters fuse` and load the fused model"
+        )
+    return cls(model, **options)
 
 
-def resolve_auto(model: str) -> str:
+def resolve_auto(model: str, adapter: bool = False) -> str:
+    """``choose_auto`` for this machine; with ``adapter``, only among backends that load one."""
     from localforge.hardware import HardwareProfile
     from localforge.models import resolve
 
@@ -156,4 +164,7 @@ def resolve_auto(model: str) -> str:
     from localforge.backends.server import answering_local_servers
 
     available = {n: availability(n)[0] for n in REGISTRY}
-    return choose_auto(HardwareProfile.detect(), available, answering_local_servers(), formats)
+    if adapter:
+        available = {n: ok and backend_class(n).capabilities.lora_adapters for n, ok in available.items()}
+    servers = () if adapter else answering_local_servers()
+    return choose_auto(HardwareProfile.detect(), available, servers, formats)

@@ -113,6 +113,7 @@ class Capabilities:
     json_mode: bool = False  # output can be constrained to JSON of any shape
     lora_training: bool = False  # the engine can train LoRA adapters here
     grpo: bool = False  # the engine can run GRPO
+    lora_adapters: bool = False  # generation can load a LoRA adapter (mlx-lm or PEFT folder)
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,7 @@ class Backend(ABC):
 
     name: ClassVar[str] = ""
     capabilities: ClassVar[Capabilities] = Capabilities()
+    adapter_key: str | None = None  # a hash of the loaded LoRA adapter, if any (cache keys)
 
     def __init__(self, model: str, cache: Any = None, **options: Any):
         """``cache``: None (off), True (the default cache file), a path, or a ``CallCache``."""
@@ -194,6 +196,8 @@ class Backend(ABC):
     _unsupported: ClassVar[dict[tuple, set[str]]] = {}  # probe results, shared per server+model
 
     def _probe_key(self) -> tuple:
+        if self.adapter_key:
+            return (self.name, self.model_ref, self.adapter_key)
         return (self.name, self.model_ref)
 
     def structured_modes(self) -> list[str]:

@@ -22,12 +22,19 @@ from localforge.models import ensure_hf, portable_overrides, resolve
 
 class MLXBackend(Backend):
     name = "mlx"
-    capabilities = Capabilities(batching=True)  # LoRA arrives with the finetune issue
+    capabilities = Capabilities(batching=True, lora_adapters=True)
 
-    def __init__(self, model: str, **options: Any):
+    def __init__(self, model: str, adapter: str | None = None, **options: Any):
+        """``adapter``: a LoRA adapter folder (mlx-lm or PEFT, converted once) to load on the model."""
         super().__init__(model, **options)
         resolved = resolve(model)
         path = ensure_hf(resolved)
+        adapter_path = None
+        if adapter:
+            from localforge.finetune.adapters import as_format, fingerprint
+
+            adapter_path = str(as_format(adapter, "mlx", base=path))
+            self.adapter_key = fingerprint(adapter)
         import mlx.core as mx
         import mlx_lm
 
@@ -35,7 +42,15 @@ class MLXBackend(Backend):
         self.model_name = resolved.name
         # A folder saved by transformers 5 keeps rope_theta only under rope_parameters, where
         # mlx-lm does not look: hand it over explicitly.
-        self.model, self.tokenizer = mlx_lm.load(path, model_config=portable_overrides(path))
+        try:
+            self.model, self.tokenizer = mlx_lm.load(path, adapter_path=adapter_path,
+                                                     model_config=portable_overrides(path))
+        except (ValueError, KeyError) as exc:
+            if not adapter:
+                raise
+            from localforge.finetune.adapters import misfit
+
+            raise misfit(adapter, model, exc) from None
 
     def prompt_ids(self, conv: Conversation) -> list[int]:
         text = self.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)

@@ -14,6 +14,7 @@ from localforge.backends.base import (
     Timer,
     truncate_at_stop,
 )
+from localforge.errors import MissingDependency
 from localforge.hardware import default_threads
 from localforge.models import ensure_hf, quiet_transformers, resolve
 
@@ -69,7 +70,7 @@ class _StopOnStrings:
 
 class TorchBackend(Backend):
     name = "torch"
-    capabilities = Capabilities(batching=True)  # LoRA and GRPO arrive with the finetune issue
+    capabilities = Capabilities(batching=True, lora_adapters=True)
 
     def __init__(
         self,
@@ -77,11 +78,18 @@ class TorchBackend(Backend):
         device: str | None = None,
         dtype: str | None = None,
         threads: int | None = None,
+        adapter: str | None = None,
         **options: Any,
     ):
+        """``adapter``: a LoRA adapter folder (PEFT or mlx-lm, converted once) to load on the model."""
         super().__init__(model, **options)
         resolved = resolve(model)
         path = ensure_hf(resolved)
+        if adapter:  # check and convert the adapter before the (slower) model load
+            from localforge.finetune.adapters import as_format, fingerprint, misfit, quiet_peft
+
+            adapter_dir = as_format(adapter, "peft", base=path)
+            self.adapter_key = fingerprint(adapter)
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -95,6 +103,16 @@ class TorchBackend(Backend):
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
+        if adapter:
+            try:
+                from peft import PeftModel
+            except ImportError:
+                raise MissingDependency("loading a LoRA adapter on torch", "torch", "peft") from None
+            try:
+                with quiet_peft():
+                    self.model = PeftModel.from_pretrained(self.model, str(adapter_dir)).to(self.device).eval()
+            except (RuntimeError, ValueError, KeyError) as exc:
+                raise misfit(adapter, model, exc) from None
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.eos_ids.add(self.tokenizer.eos_token_id)

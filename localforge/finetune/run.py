@@ -93,9 +93,10 @@ class RunDir:
 
 # -- starting --------------------------------------------------------------------------------------
 def _data_path(cfg: FinetuneConfig, config_path: Path | None) -> Path:
+    """A relative data path is read beside the config file when it is there, else from the working directory."""
     path = Path(cfg.data).expanduser()
-    if not path.is_absolute() and not path.exists() and config_path is not None:
-        path = config_path.parent / path  # relative to the config file
+    if not path.is_absolute() and config_path is not None and (config_path.parent / path).exists():
+        path = config_path.parent / path
     return path.resolve()
 
 

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -158,3 +159,20 @@ def test_a_short_real_run_on_the_bundled_model(project, backend):
     assert manifest["status"] == "completed" and manifest["metrics"]["total_params"] > 130e6
     assert 0 < manifest["metrics"]["final_train_loss"] < 8  # a trained model, not a random one (10.8)
     assert manifest["adapter"]["format"] == {"torch": "peft", "mlx": "mlx"}[backend]
+
+
+@pytest.mark.parametrize("trained_on, used_on", [("mlx", "torch"), ("torch", "mlx")])
+def test_an_adapter_trained_on_one_engine_gives_the_same_logits_on_the_other(project, tiny_llama, trained_on, used_on):
+    pytest.importorskip("mlx.core")
+    from localforge.finetune.adapters import convert
+    from tests.finetune.test_adapters import max_diff, mlx_logits, mlx_model, torch_logits
+
+    run, _ = start(project / "config.yaml", [f"backend={trained_on}", "steps=3", "learning_rate=0.05",
+                                             "lora.dropout=0", "lora.layers=1"])
+    adapter = Path(train(run.path, progress=False)["adapter"]["path"])
+    other = convert(adapter, {"torch": "peft", "mlx": "mlx"}[used_on], project / "converted")
+    ids = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173]
+    native, moved = (adapter, other) if trained_on == "torch" else (other, adapter)
+    on_torch, on_mlx = torch_logits(tiny_llama, ids, native), mlx_logits(mlx_model(tiny_llama, moved), ids)
+    assert max_diff(on_torch, on_mlx) < 1e-4
+    assert max_diff(on_torch, torch_logits(tiny_llama, ids)) > 1e-3  # the adapter did move the logits

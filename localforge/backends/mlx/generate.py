@@ -22,7 +22,7 @@ from localforge.models import ensure_hf, portable_overrides, resolve
 
 class MLXBackend(Backend):
     name = "mlx"
-    capabilities = Capabilities(batching=True, lora_adapters=True)
+    capabilities = Capabilities(batching=True, lora_adapters=True, lora_training=True)  # see train.py
 
     def __init__(self, model: str, adapter: str | None = None, **options: Any):
         """``adapter``: a LoRA adapter folder (mlx-lm or PEFT, converted once) to load on the model."""

@@ -70,7 +70,7 @@ class _StopOnStrings:
 
 class TorchBackend(Backend):
     name = "torch"
-    capabilities = Capabilities(batching=True, lora_adapters=True)
+    capabilities = Capabilities(batching=True, lora_adapters=True, lora_training=True)  # see train.py
 
     def __init__(
         self,

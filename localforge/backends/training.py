@@ -22,6 +22,12 @@ import numpy as np
 
 IGNORE = -100
 
+# Architectures whose logits are exactly the output head applied to the decoder's last hidden
+# state (no soft-capping or scaling after it). For these the engines compute logits for the
+# learned tokens only: the vocabulary projection is the largest matmul of a small model (49k x
+# 576 for SmolLM2) and its fp32 logits the largest activation, and prompts and padding need neither.
+PLAIN_HEADS = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3"})
+
 # engine name -> "module:Class"; the module is imported only when that engine trains
 TRAINERS = {
     "torch": "localforge.backends.torch.train:TorchTrainer",

@@ -22,7 +22,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from localforge.backends.training import IGNORE, Batch, TrainSetup
+import numpy as np
+
+from localforge.backends.training import IGNORE, PLAIN_HEADS, Batch, TrainSetup
 from localforge.errors import ConfigError
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -140,14 +142,30 @@ class MLXTrainer:
         finally:
             cls.__call__ = original  # other models of this class (generation) stay as they were
 
+    def _head(self):
+        """The output head, when logits are exactly head(decoder output) (see PLAIN_HEADS)."""
+        model = self.model
+        if getattr(model, "model_type", None) not in PLAIN_HEADS or not hasattr(model, "model"):
+            return None
+        if hasattr(model, "lm_head"):
+            return model.lm_head
+        return model.model.embed_tokens.as_linear
+
     def _summed_loss(self, batch: Batch):
+        """Summed cross-entropy over the learned tokens; logits are computed for those tokens only."""
         mx = self.mx
-        labels = mx.array(batch.labels)
-        keep = labels != IGNORE
+        flat = batch.labels.reshape(-1)
+        where = np.flatnonzero(flat != IGNORE)
+        index, targets = mx.array(where.astype(np.int32)), mx.array(flat[where])
+        head = self._head()
         with self._attention(batch):
-            logits = self.model(mx.array(batch.input_ids)).astype(mx.float32)
-        ce = self.nn.losses.cross_entropy(logits, mx.where(keep, labels, 0)) * keep
-        return ce.sum()
+            if head is not None:
+                hidden = self.model.model(mx.array(batch.input_ids))
+                logits = head(hidden.reshape(-1, hidden.shape[-1])[index])
+            else:
+                logits = self.model(mx.array(batch.input_ids))
+                logits = logits.reshape(-1, logits.shape[-1])[index]
+        return self.nn.losses.cross_entropy(logits.astype(mx.float32), targets).sum()
 
     def _loss(self, batch: Batch, step_tokens: int):
         total = self._summed_loss(batch)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from localforge.backends.torch.generate import pick_device, pick_dtype
-from localforge.backends.training import IGNORE, Batch, TrainSetup
+from localforge.backends.training import IGNORE, PLAIN_HEADS, Batch, TrainSetup
 from localforge.hardware import default_threads
 from localforge.models import quiet_transformers
 
@@ -55,9 +55,10 @@ class TorchTrainer:
         self.trainable_params = sum(p.numel() for p in self.params)
         self.total_params = sum(p.numel() for p in self.model.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=0.0, weight_decay=setup.weight_decay)
-        self.wrapped = self.model
+        self.wrapped = _LearnedTokenLoss(self.model)
         if self.accelerator:
-            self.wrapped, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+            self.wrapped, self.optimizer = self.accelerator.prepare(self.wrapped, self.optimizer)
+        self.loss = _LearnedTokenLoss(self.model)  # the same model, outside DDP (for evaluation)
 
     def _with_lora(self, model):
         from peft import LoraConfig, get_peft_model
@@ -70,17 +71,17 @@ class TorchTrainer:
         return get_peft_model(model, config)
 
     # -- the loop -----------------------------------------------------------------------------
-    def _loss_sum(self, model, batch: Batch):
+    def _loss_sum(self, loss_module, batch: Batch):
         torch = self.torch
         ids = torch.from_numpy(batch.input_ids).long().to(self.device)
         if batch.packed:  # transformers reads the packing off position ids restarting at 0
             kwargs = {"position_ids": torch.from_numpy(batch.position_ids).long().to(self.device)}
         else:
             kwargs = {"attention_mask": torch.from_numpy(batch.attention_mask).to(self.device)}
-        labels = torch.from_numpy(batch.labels).long().to(self.device)
-        logits = model(input_ids=ids, use_cache=False, **kwargs).logits
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
-                                                 ignore_index=IGNORE, reduction="sum")
+        flat = batch.labels.reshape(-1)
+        where = np.flatnonzero(flat != IGNORE)
+        return loss_module(ids, torch.from_numpy(where).to(self.device),
+                           torch.from_numpy(flat[where].astype(np.int64)).to(self.device), **kwargs)
 
     def step(self, micro_batches: list[Batch], lr: float, step_tokens: int) -> float:
         torch = self.torch
@@ -108,7 +109,7 @@ class TorchTrainer:
         total, tokens = 0.0, 0
         with torch.no_grad():
             for batch in batches:
-                total += float(self._loss_sum(self.model, batch))
+                total += float(self._loss_sum(self.loss, batch))
                 tokens += batch.tokens
         self.model.train()
         return total, tokens
@@ -165,6 +166,35 @@ class TorchTrainer:
     def close(self) -> None:
         if self.accelerator:
             self.accelerator.end_training()
+
+
+def _learned_token_loss_class():
+    import torch
+
+    class LearnedTokenLoss(torch.nn.Module):
+        """Summed cross-entropy over the learned tokens, with logits for those tokens only (see PLAIN_HEADS)."""
+
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            self.plain = getattr(base.config, "model_type", None) in PLAIN_HEADS
+
+        def forward(self, input_ids, where, targets, **kwargs):
+            base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            if self.plain:
+                hidden = base.get_decoder()(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
+                logits = base.get_output_embeddings()(hidden.flatten(0, 1).index_select(0, where))
+            else:
+                logits = self.model(input_ids=input_ids, use_cache=False, **kwargs).logits
+                logits = logits.flatten(0, 1).index_select(0, where)
+            return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+
+    return LearnedTokenLoss
+
+
+def _LearnedTokenLoss(model):  # noqa: N802 - builds the module class on first use (torch imports lazily)
+    return _learned_token_loss_class()(model)
 
 
 def _seed_everything(seed: int) -> None:

@@ -33,6 +33,9 @@ demo: $(VENV)/.demo-installed
 	$(BIN)/localforge generate "What is the capital of France? Answer in one sentence." --model smollm2-135m --max-tokens 64 --verbose
 	$(BIN)/localforge extract examples/radio_spec.md --fields "product:str, maker:str, detail:str" -o demo-out/records.jsonl
 	$(BIN)/localforge extract review demo-out/records.jsonl -o demo-out/review.html
+	rm -rf demo-out/finetune
+	$(BIN)/localforge finetune examples/finetune/config.yaml --backend torch output_dir=demo-out/finetune steps=12
+	$(BIN)/localforge generate "Capital of Iceland?" --model smollm2-135m --adapter demo-out/finetune/adapter --max-tokens 16
 
 test: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest

@@ -126,3 +126,14 @@ def test_dry_run_json(project, smol):
     assert p["data"] == {"train": 2, "valid": 1} and p["model_params"] == SMOL.params
     bad = run_cli("finetune", str(project / "config.yaml"), "--dry-run", "method=qlora")
     assert bad.returncode == 1 and bad.stderr.startswith("error: ") and len(bad.stderr.splitlines()) == 1
+
+
+def test_processes_on_one_cpu_share_its_memory_and_the_effective_batch(project):
+    laptop = examples()["cpu-laptop-16gb"]
+    one = plan(laptop, SMOL, load_config(project / "config.yaml"))
+    two = plan(laptop, SMOL, load_config(project / "config.yaml", ["num_processes=2"]))
+    assert two.processes == 2 and two.memory_budget_bytes == one.memory_budget_bytes // 2
+    assert two.batch_size * two.grad_accum * 2 >= 16 and two.grad_accum <= one.grad_accum
+    gpus = plan(examples()["4x-h100-80gb"], SMOL, load_config(project / "config.yaml", ["num_processes=2"]))
+    assert gpus.processes == 2 and gpus.memory_budget_bytes == plan(examples()["4x-h100-80gb"], SMOL, load_config(
+        project / "config.yaml")).memory_budget_bytes  # each GPU has its own memory

@@ -294,10 +294,10 @@ def train(run_dir: str | Path, progress: bool = True, stop_after: int | None = N
     status = "completed" if step >= total else "interrupted"
     manifest = _manifest(run, cfg, info, trainer, status, history, resumed_from, train_seconds, tokens_seen,
                          wall=time.time() - began, adapter=saved)
+    trainer.close()  # free the model before drawing
     if main:
         write_json(run.manifest, manifest)
         plot_loss(history, run.plot, f"{cfg.model} {cfg.method} on {cfg.backend} ({Path(cfg.data).name})")
-    trainer.close()
     if interrupted:
         raise TrainingInterrupted(f"stopped at step {step} of {total}; checkpoint saved in {run.latest()}: "
                                   f"continue with `localforge finetune resume {run.path}`")

@@ -166,6 +166,10 @@ class TorchTrainer:
     def close(self) -> None:
         if self.accelerator:
             self.accelerator.end_training()
+        self.model = self.wrapped = self.loss = self.optimizer = self.params = None
+        import gc
+
+        gc.collect()
 
 
 def _learned_token_loss_class():

@@ -1,0 +1,203 @@
+"""The hardware planner on this machine: predicted against measured peak memory, auto batch against a sweep.
+
+On the bundled SmolLM2-135M, fp32 LoRA (rank 8, q_proj + v_proj), rows of exactly ``--seq``
+tokens (no padding), grad_accum 1 and gradient checkpointing left to the planner:
+
+- for each batch of the sweep (1, 2, 4, 8): the planner's ``predicted_peak_bytes`` from
+  ``localforge finetune --dry-run --json``, then real runs of ``--steps`` steps through the CLI;
+  the measured peak is the runs' ``metrics.peak_rss_bytes`` (goal: within 15% of the
+  prediction), and tokens/s the median step after the first (from metrics.jsonl);
+- ``batch_size=auto``: the batch the planner picks (from the dry run), then real runs; goal: the
+  tokens/s of the batch it picks at least 90% of the best batch of the sweep, and no run out of
+  memory. Auto resolves to one of the sweep's configurations (checked), so its runs and the
+  sweep's runs of that batch are pooled; the auto runs alone are reported beside.
+
+Rounds run every configuration in alternating order; tokens/s is the median step over all
+rounds, the peak the highest. One thread per run by default, as in benchmarks/finetune.py: on
+a shared 2-core VM two threads collapse whenever another process takes a core.
+
+    python benchmarks/planner.py [--seq 256] [--batches 1,2,4,8] [--steps 4] [--rounds 2]
+                                 [--threads 1] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # finetune.py: data, child processes
+
+PLAN_KEYS = ("backend", "dtype", "batch_size", "grad_accum", "gradient_checkpointing", "lora_rank", "lora_layers")
+
+
+def dry_run(cfg: Path, env: dict) -> dict:
+    out = subprocess.run([sys.executable, "-m", "localforge", "finetune", str(cfg), "--dry-run", "--json"],
+                         capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"dry run failed: {out.stderr.strip()[-2000:]}")
+    return json.loads(out.stdout)
+
+
+def real_run(cfg: Path, out: Path, env: dict, log: Path) -> dict:
+    from finetune import run_process
+
+    proc = run_process([sys.executable, "-m", "localforge", "finetune", str(cfg), "--backend", "torch",
+                        "--no-progress"], env, log)
+    result = {"rc": proc["rc"], "wall_s": round(proc["wall_s"], 1), "process_peak_rss_bytes": proc["peak_rss_bytes"]}
+    if proc["rc"] != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-10:])
+        killed = proc["rc"] in (-9, 137)
+        return {**result, "status": "killed (out of memory?)" if killed else "failed", "error": tail}
+    manifest = json.loads((out / "manifest.json").read_text())
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    steps = [s for s in steps if "loss" in s]
+    rates = [s["tokens"] / s["seconds"] for s in steps[1:]]  # step 1 is warm-up
+    return {**result, "status": manifest["status"], "peak_rss_bytes": manifest["metrics"]["peak_rss_bytes"],
+            "tokens_per_s": round(statistics.median(rates), 2), "step_rates": [round(r, 2) for r in rates],
+            "plan": manifest["plan"]}
+
+
+def summarise(plan: dict, runs: list[dict]) -> dict:
+    ok = [x for x in runs if x["status"] == "completed"]
+    row = {"batch": plan["batch_size"], "gradient_checkpointing": plan["gradient_checkpointing"],
+           "predicted_peak_bytes": plan["predicted_peak_bytes"],
+           "status": "completed" if len(ok) == len(runs) else next(x["status"] for x in runs if x not in ok),
+           "runs": runs}
+    if ok:
+        row["peak_rss_bytes"] = max(x["peak_rss_bytes"] for x in ok)
+        row["tokens_per_s"] = round(statistics.median(v for x in ok for v in x["step_rates"]), 2)
+        row["measured_over_predicted"] = round(row["peak_rss_bytes"] / plan["predicted_peak_bytes"], 3)
+        row["within_15pct"] = abs(row["measured_over_predicted"] - 1) <= 0.15
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--batches", default="1,2,4,8")
+    ap.add_argument("--steps", type=int, default=4, help="steps per run (the first is warm-up)")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="threads for every run (see benchmarks/finetune.py)")
+    ap.add_argument("--quick", action="store_true", help="tiny settings: a smoke run")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder (logs, run folders)")
+    ap.add_argument("--out", default="benchmarks/results/planner.json")
+    args = ap.parse_args()
+    if args.quick:
+        args.seq, args.batches, args.steps, args.rounds = 64, "1,2,4", 2, 1
+
+    from finetune import child_env, localforge_config, write_data
+
+    from localforge.models import ensure_hf, resolve
+
+    model_path = ensure_hf(resolve("smollm2-135m"))
+    work = Path(tempfile.mkdtemp(prefix="lf-bench-planner-"))
+    env = child_env(args.threads)
+    data = write_data(work / "data", model_path, args.seq)
+    began = time.perf_counter()
+
+    def config(tag: str, batch) -> tuple[Path, Path]:
+        out = work / f"run-{tag}"
+        s = {"steps": args.steps, "batch": batch, "seq": args.seq}
+        return localforge_config(work / f"{tag}.yaml", data, out, s, "torch", gradient_checkpointing="auto"), out
+
+    entries = [(f"b{b}", int(b)) for b in args.batches.split(",")] + [("auto", "auto")]
+    plans = {}
+    for tag, batch in entries:
+        plans[tag] = dry_run(config(tag, batch)[0], env)
+        print(f"{tag}: batch {plans[tag]['batch_size']}, predicted peak "
+              f"{plans[tag]['predicted_peak_bytes'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+    runs: dict[str, list[dict]] = {tag: [] for tag, _ in entries}
+    for r in range(args.rounds):
+        for tag, batch in entries if r % 2 == 0 else entries[::-1]:  # alternate so drift hits all alike
+            cfg, out = config(f"{tag}-{r}", batch)
+            run = real_run(cfg, out, env, work / f"{tag}-{r}.log")
+            runs[tag].append(run)
+            print(f"round {r + 1}/{args.rounds} {tag}: {run['status']}, {run.get('tokens_per_s', 0):.1f} tok/s, "
+                  f"peak {run.get('peak_rss_bytes', 0) / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+    elapsed = time.perf_counter() - began
+
+    sweep = {tag: summarise(plans[tag], runs[tag]) for tag, _ in entries[:-1]}
+    auto = {**summarise(plans["auto"], runs["auto"]), "memory_budget_bytes": plans["auto"]["memory_budget_bytes"],
+            "reasons": plans["auto"]["reasons"]}
+    done = {tag: r for tag, r in sweep.items() if r["status"] == "completed"}
+    speeds = {r["batch"]: r["tokens_per_s"] for r in done.values()}
+    same = next((tag for tag in done if all(plans[tag][k] == plans["auto"][k] for k in PLAN_KEYS)), None)
+    if same is not None and "tokens_per_s" in auto:
+        # the same training as a sweep entry: its runs and the auto runs sample one speed
+        pooled = statistics.median(v for x in [*runs[same], *runs["auto"]] if x["status"] == "completed"
+                                   for v in x["step_rates"])
+        sweep[same]["tokens_per_s_pooled_with_auto"] = speeds[sweep[same]["batch"]] = round(pooled, 2)
+    best_batch = max(speeds, key=speeds.get) if speeds else None
+    alone_ratio = None
+    if done and "tokens_per_s" in auto:
+        alone_ratio = round(auto["tokens_per_s"] / max(r["tokens_per_s"] for r in done.values()), 3)
+    # auto outside the sweep: its own runs against the sweep's best
+    choice_ratio = round(speeds[auto["batch"]] / speeds[best_batch], 3) if same else alone_ratio
+    no_oom = all(r["status"] == "completed" for r in [*sweep.values(), auto])
+    within = [r for r in sweep.values() if "within_15pct" in r]
+    goals = {
+        "peak_within_15pct": {"met": bool(within) and all(r["within_15pct"] for r in within),
+                              "ratios": {r["batch"]: r["measured_over_predicted"] for r in within}},
+        "auto_batch_vs_best": {"ratio": choice_ratio, "goal": ">= 0.90",
+                               "met": choice_ratio is not None and choice_ratio >= 0.9,
+                               "auto_batch": auto["batch"], "best_batch": best_batch,
+                               "auto_is_sweep_config": same,
+                               "measure": "tok/s of the batch auto picks (its sweep runs and the auto runs pooled) "
+                                          "over the best batch's",
+                               "auto_runs_alone_ratio": alone_ratio},
+        "no_out_of_memory": {"met": no_oom},
+    }
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(Console().width, 140))
+    gib = 2**30
+    table = Table(title=f"Planner vs measured, SmolLM2-135M fp32 LoRA, seq {args.seq}, grad_accum 1, "
+                        f"{args.steps} steps x {args.rounds} round(s), {args.threads} thread(s)")
+    for col in ("batch", "checkpointing", "predicted GiB", "measured GiB", "measured / predicted", "within 15%",
+                "tok/s (median step)", "status"):
+        table.add_column(col)
+    for r in [*sweep.values(), {**auto, "batch": f"auto ({auto['batch']})"}]:
+        table.add_row(str(r["batch"]), str(r["gradient_checkpointing"]), f"{r['predicted_peak_bytes'] / gib:.2f}",
+                      f"{r['peak_rss_bytes'] / gib:.2f}" if "peak_rss_bytes" in r else "-",
+                      f"{r['measured_over_predicted']:.3f}" if "measured_over_predicted" in r else "-",
+                      ("yes" if r["within_15pct"] else "NO") if "within_15pct" in r else "",
+                      f"{r['tokens_per_s']:.1f}" if "tokens_per_s" in r else "-", r["status"])
+    console.print(table)
+    g = goals["auto_batch_vs_best"]
+    console.print(f"auto picked batch {auto['batch']} (budget {auto['memory_budget_bytes'] / gib:.1f} GiB)"
+                  f"{f', the same training as sweep entry {same}' if same else ''}: "
+                  f"{speeds.get(auto['batch'], auto.get('tokens_per_s', 0)):.1f} tok/s"
+                  f"{' (sweep and auto runs pooled)' if same else ''} = {choice_ratio} of the best "
+                  f"batch ({best_batch}, {speeds.get(best_batch, 0):.1f} tok/s), goal >= 0.90: "
+                  f"{'met' if g['met'] else 'MISSED'}; the auto runs alone: {auto.get('tokens_per_s', 0):.1f} tok/s "
+                  f"= {alone_ratio} of the sweep's best. Peak within 15%: "
+                  f"{'met' if goals['peak_within_15pct']['met'] else 'MISSED'}. "
+                  f"No out-of-memory: {'yes' if no_oom else 'NO'}. {elapsed:.0f} s in all.")
+
+    from finetune import machine
+
+    result = {
+        "machine": machine(),
+        "settings": {"seq": args.seq, "batches": args.batches, "steps": args.steps, "rounds": args.rounds,
+                     "threads": args.threads, "grad_accum": 1, "dtype": "fp32", "method": "lora", "rank": 8,
+                     "targets": ["q_proj", "v_proj"]},
+        "sweep": list(sweep.values()),
+        "auto": auto,
+        "goals": goals,
+        "elapsed_s": round(elapsed, 1),
+    }
+    from finetune import finish
+
+    finish(result, Path(args.out), work, args.keep)
+
+
+if __name__ == "__main__":
+    main()

@@ -47,6 +47,8 @@ bench: $(VENV)/.dev-installed
 	$(PIP) -e ".[bench]"
 	$(BIN)/python benchmarks/generation.py
 	$(BIN)/python benchmarks/backends.py
+	$(BIN)/python benchmarks/finetune.py
+	$(BIN)/python benchmarks/planner.py
 	$(BIN)/python benchmarks/extract.py
 
 clean:

@@ -130,6 +130,9 @@ def _as_run(cfg: FinetuneConfig, p: Plan) -> dict:
 def start(config_path: str | Path | None, overrides: list[str] = ()) -> tuple[RunDir, Plan]:
     """Validate, plan, and write a new run folder (refusing to overwrite a run)."""
     cfg, data, model_path, shape, p = prepare(config_path, overrides)
+    if p.backend == "mlx" and p.processes > 1:
+        raise ConfigError(f"num_processes={p.processes}: MLX trains in one process here; several processes "
+                          f"run on torch (--backend torch), through accelerate")
     run = RunDir(cfg.output_dir)
     if run.exists():
         raise ConfigError(f"{run.path} already holds a run: continue it with `localforge finetune resume "

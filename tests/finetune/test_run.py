@@ -66,6 +66,8 @@ def test_a_run_leaves_adapter_checkpoints_manifest_and_loss_curve(project):
     assert (project / "runs/a/loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ConfigError, match="already holds a run: continue it with `localforge finetune resume"):
         start(project / "config.yaml", ["backend=torch"])
+    with pytest.raises(ConfigError, match="MLX trains in one process here"):
+        start(project / "config.yaml", ["backend=mlx", "num_processes=2", "output_dir=runs/mlx2"])
 
 
 @pytest.mark.parametrize("backend", ["torch", "mlx"])

@@ -259,7 +259,7 @@ def finetune(
 ) -> None:
     """LoRA/DoRA/full fine-tuning from one config, on MLX or torch, planned for this machine.
 
-    `localforge finetune resume RUN_DIR [key=value ...]` continues a stopped run exactly.
+    `localforge finetune resume RUN_DIR` (then any key=value overrides) continues a stopped run exactly.
     """
     from localforge.finetune.cli import run_finetune
     from localforge.finetune.launch import Launch

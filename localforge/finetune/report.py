@@ -75,10 +75,11 @@ def plot_loss(rows: list[dict], out: Path, title: str) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
         steps, loss = [r["step"] for r in train], [r["loss"] for r in train]
-        ax.plot(steps, loss, color="#9ecae1", lw=1, label="train loss")
-        k = max(1, len(loss) // 20)
-        smooth = [sum(loss[max(0, i - k + 1):i + 1]) / len(loss[max(0, i - k + 1):i + 1]) for i in range(len(loss))]
-        ax.plot(steps, smooth, color="#3182bd", lw=2, label=f"train loss (mean of {k})")
+        k = len(loss) // 20
+        ax.plot(steps, loss, color="#9ecae1" if k > 1 else "#3182bd", lw=1 if k > 1 else 2, label="train loss")
+        if k > 1:  # a running mean once there are enough steps for one to help
+            smooth = [sum(loss[max(0, i - k + 1):i + 1]) / len(loss[max(0, i - k + 1):i + 1]) for i in range(len(loss))]
+            ax.plot(steps, smooth, color="#3182bd", lw=2, label=f"train loss (mean of {k})")
     if evals:
         ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", color="#e6550d",
                 label="eval loss")

@@ -131,12 +131,20 @@ class Backend(ABC):
     name: ClassVar[str] = ""
     capabilities: ClassVar[Capabilities] = Capabilities()
     adapter_key: str | None = None  # a hash of the loaded LoRA adapter, if any (cache keys)
+    model_name: str = ""  # the model as results name it
 
     def __init__(self, model: str, cache: Any = None, **options: Any):
         """``cache``: None (off), True (the default cache file), a path, or a ``CallCache``."""
         self.model_ref = model
         self.options = options
         self.cache = _open_cache(cache)
+
+    def result(self, text: str, prompt_tokens: int, completion_tokens: int, finish: str | None,
+               seconds: float) -> ChatResult:
+        """A ``ChatResult`` from this backend and model; any finish reason but "length" reads as "stop"."""
+        return ChatResult(text=text, prompt_tokens=int(prompt_tokens), completion_tokens=int(completion_tokens),
+                          finish_reason="length" if finish == "length" else "stop", latency_s=seconds,
+                          backend=self.name, model=self.model_name)
 
     # Subclasses: generate one completion per conversation, in order.
     @abstractmethod

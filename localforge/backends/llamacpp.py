@@ -83,15 +83,8 @@ class LlamaCppBackend(Backend):
         try:
             choice = out["choices"][0]
             usage = out["usage"]
-            return ChatResult(
-                text=choice["message"]["content"] or "",
-                prompt_tokens=int(usage["prompt_tokens"]),
-                completion_tokens=int(usage["completion_tokens"]),
-                finish_reason="length" if choice.get("finish_reason") == "length" else "stop",
-                latency_s=t.seconds,
-                backend=self.name,
-                model=self.model_name,
-            )
+            return self.result(choice["message"]["content"] or "", usage["prompt_tokens"], usage["completion_tokens"],
+                               choice.get("finish_reason"), t.seconds)
         except (KeyError, IndexError, TypeError) as exc:
             raise InvalidResponse(f"llama.cpp returned an unexpected completion: {exc!r}") from exc
 

@@ -63,15 +63,8 @@ class OllamaBackend(ServerBackend):
         except self._httpx.TransportError as exc:  # the connection dropped mid-answer
             raise Transient(BackendUnavailable(f"{self.base_url}: {type(exc).__name__}: {exc}")) from None
         try:
-            return ChatResult(
-                text=out.message.content or "",
-                prompt_tokens=int(out.prompt_eval_count or 0),
-                completion_tokens=int(out.eval_count or 0),
-                finish_reason="length" if out.done_reason == "length" else "stop",
-                latency_s=t.seconds,
-                backend=self.name,
-                model=self.served,
-            )
+            return self.result(out.message.content or "", out.prompt_eval_count or 0, out.eval_count or 0,
+                               out.done_reason, t.seconds)
         except (AttributeError, TypeError, ValueError) as exc:
             raise InvalidResponse(f"{self.base_url} returned an unexpected chat response: {exc}") from None
 

@@ -84,15 +84,8 @@ class OpenAIBackend(ServerBackend):
         try:
             choice = out.choices[0]
             usage = out.usage
-            return ChatResult(
-                text=choice.message.content or "",
-                prompt_tokens=usage.prompt_tokens if usage else 0,
-                completion_tokens=usage.completion_tokens if usage else 0,
-                finish_reason="length" if choice.finish_reason == "length" else "stop",
-                latency_s=t.seconds,
-                backend=self.name,
-                model=self.served,
-            )
+            return self.result(choice.message.content or "", usage.prompt_tokens if usage else 0,
+                               usage.completion_tokens if usage else 0, choice.finish_reason, t.seconds)
         except (AttributeError, IndexError, TypeError) as exc:
             raise InvalidResponse(f"{self.base_url} returned an unexpected completion: {exc}") from None
 

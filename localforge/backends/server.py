@@ -46,6 +46,10 @@ class ServerBackend(Backend):
         self.served = (resolve(model, allow_served=True).served_name or model) if model else ""
         self.endpoint = endpoint(self.base_url, concurrency)
 
+    @property
+    def model_name(self) -> str:
+        return self.served
+
     # --- for subclasses ------------------------------------------------------------------------
 
     @abstractmethod

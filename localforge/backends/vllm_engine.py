@@ -64,15 +64,8 @@ class VLLMBackend(Backend):
         results = []
         for out in outs:
             gen = out.outputs[0]
-            results.append(ChatResult(
-                text=gen.text,
-                prompt_tokens=len(out.prompt_token_ids or []),
-                completion_tokens=len(gen.token_ids),
-                finish_reason="length" if gen.finish_reason == "length" else "stop",
-                latency_s=t.seconds,
-                backend=self.name,
-                model=self.model_name,
-            ))
+            results.append(self.result(gen.text, len(out.prompt_token_ids or []), len(gen.token_ids),
+                                       gen.finish_reason, t.seconds))
         return results
 
     def close(self) -> None:

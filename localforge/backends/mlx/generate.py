@@ -69,9 +69,6 @@ class MLXBackend(Backend):
             return [self._stream_one(prompts[0], params)]
         return self._batch(prompts, params)
 
-    def _result(self, text: str, n_prompt: int, n_gen: int, finish: str, seconds: float) -> ChatResult:
-        return ChatResult(text, n_prompt, n_gen, finish, seconds, self.name, self.model_name)
-
     def _stream_one(self, prompt: list[int], params: GenerationParams) -> ChatResult:
         text, n_gen, finish = "", 0, "length"
         with Timer() as t:
@@ -90,7 +87,7 @@ class MLXBackend(Backend):
                     finish = resp.finish_reason
                     if finish == "stop":
                         n_gen -= 1  # the end-of-sequence token is not part of the answer
-        return self._result(text, len(prompt), n_gen, finish, t.seconds)
+        return self.result(text, len(prompt), n_gen, finish, t.seconds)
 
     def _batch(self, prompts: list[list[int]], params: GenerationParams) -> list[ChatResult]:
         with Timer() as t:
@@ -102,7 +99,7 @@ class MLXBackend(Backend):
         for prompt, text, ids in zip(prompts, out.texts, out.token_ids, strict=True):
             text, hit = truncate_at_stop(text, params.stop)
             finish = "length" if len(ids) >= params.max_tokens and not hit else "stop"
-            results.append(self._result(text, len(prompt), len(ids), finish, t.seconds))
+            results.append(self.result(text, len(prompt), len(ids), finish, t.seconds))
         return results
 
     def close(self) -> None:

@@ -151,17 +151,7 @@ class TorchBackend(Backend):
                     break
             text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
             text, hit_stop = truncate_at_stop(text, params.stop)
-            results.append(
-                ChatResult(
-                    text=text,
-                    prompt_tokens=int(n_prompt),
-                    completion_tokens=n,
-                    finish_reason="stop" if hit_eos or hit_stop else "length",
-                    latency_s=t.seconds,
-                    backend=self.name,
-                    model=self.model_name,
-                )
-            )
+            results.append(self.result(text, n_prompt, n, "stop" if hit_eos or hit_stop else "length", t.seconds))
         return results
 
     def close(self) -> None:

@@ -11,7 +11,6 @@ Pre-fetch the full pipeline's models with docling's tool (`docling-tools models 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -20,6 +19,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from localforge.errors import LocalforgeError, MissingDependency
+from localforge.files import sha256_file
 
 DOCLING_SUFFIXES = {".pdf", ".docx", ".pptx", ".html", ".htm", ".md", ".markdown"}
 TEXT_SUFFIXES = {".txt", ".text"}
@@ -45,14 +45,6 @@ class Converted:
             if start <= offset < end:
                 return page
         return None
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def full_pipeline_available() -> bool:

@@ -26,6 +26,7 @@ from localforge.extract.convert import SUPPORTED, Converted, Converter, Document
 from localforge.extract.grounding import ground_record
 from localforge.extract.routing import models, parse_rule, pick
 from localforge.extract.schema import chunk_schema
+from localforge.files import write_atomic
 
 PROMPT_VERSION = "extract-v1"
 
@@ -160,9 +161,7 @@ def _keep_only(path: Path, keep: Callable[[dict], bool]) -> None:
         except (json.JSONDecodeError, KeyError, TypeError):
             pass
     if len(kept) != len(raw):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        tmp.replace(path)
+        write_atomic(path, "".join(kept))
 
 
 # --- prompting -----------------------------------------------------------------------------------

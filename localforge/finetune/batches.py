@@ -170,16 +170,29 @@ class Schedule:
         start = step * self.rows_per_step
         return [self._row(i) for i in range(start, start + self.rows_per_step)]
 
-    def micro_batches(self, step: int, rank: int = 0) -> list[Batch]:
-        rows = self.step_rows(step)
+    def split(self, rows: list[list[Encoded]], rank: int = 0) -> list[Batch]:
+        """Process ``rank``'s micro-batches of one step's ``rows``."""
         out = []
         for a in range(self.grad_accum):
             k = (a * self.world_size + rank) * self.batch_size
             out.append(collate(rows[k:k + self.batch_size], self.pad_id))
         return out
 
+    def micro_batches(self, step: int, rank: int = 0) -> list[Batch]:
+        return self.split(self.step_rows(step), rank)
+
     def step_tokens(self, step: int) -> int:
-        return sum(sum(1 for s in row for x in s.learn[1:] if x) for row in self.step_rows(step))
+        return learned_tokens(self.step_rows(step))
+
+
+def learned_tokens(rows: list[list[Encoded]]) -> int:
+    """Tokens the loss is taken over in ``rows`` (every sequence's first token predicts nothing)."""
+    return sum(sum(s.learn[1:]) for row in rows for s in row)
+
+
+def input_tokens(rows: list[list[Encoded]]) -> int:
+    """Tokens read in ``rows``, padding aside."""
+    return sum(len(s) for row in rows for s in row)
 
 
 def as_rows(seqs: list[Encoded], packing: bool, max_len: int, seed: int) -> list[list[Encoded]]:

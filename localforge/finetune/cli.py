@@ -41,14 +41,9 @@ def run_finetune(config_path: Path, overrides: list[str], dry_run: bool, as_json
         else:
             _plan_table(cfg, shape.params, p, data)
         return
-    run, p = start(config_path, overrides)
-    info = json.loads(run.info.read_text())
-    from localforge.finetune.config import load_config
-    from localforge.finetune.data import load_data
-
-    cfg = load_config(run.config)
-    _plan_table(cfg, info["model_params"], p, load_data(cfg.data), stderr=True)
-    _train(run.path, p.processes, launch, progress)
+    run, prepared = start(config_path, overrides)
+    _plan_table(prepared.cfg, prepared.shape.params, prepared.plan, prepared.data, stderr=True)
+    _train(run.path, prepared.plan.processes, launch, progress)
 
 
 def resume_finetune(run_dir: Path, overrides: list[str], launch: Launch | None = None, progress: bool = True) -> None:

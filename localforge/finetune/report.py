@@ -7,22 +7,15 @@ files' hashes, the plan) and how it went (status, steps, final losses, tokens/s,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import sys
 from importlib import metadata
 from pathlib import Path
 
+from localforge.files import write_atomic
+
 PACKAGES = ("localforge", "torch", "transformers", "peft", "accelerate", "mlx", "mlx-lm", "numpy")
-
-
-def sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def versions() -> dict[str, str | None]:
@@ -95,6 +88,4 @@ def plot_loss(rows: list[dict], out: Path, title: str) -> Path | None:
 
 
 def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(data, indent=2, default=str) + "\n")

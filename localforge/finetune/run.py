@@ -25,21 +25,25 @@ import signal
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import yaml
 
 from localforge.errors import ConfigError, LocalforgeError
+from localforge.files import sha256_file
 from localforge.finetune.config import FinetuneConfig, load_config
-from localforge.finetune.planner import Plan
+from localforge.finetune.planner import ModelShape, Plan
 from localforge.finetune.report import (
     final_metrics,
     peak_rss_bytes,
     plot_loss,
     read_metrics,
-    sha256,
     versions,
     write_json,
 )
+
+if TYPE_CHECKING:
+    from localforge.finetune.data import Dataset
 
 
 class TrainingInterrupted(LocalforgeError):
@@ -100,11 +104,19 @@ def _data_path(cfg: FinetuneConfig, config_path: Path | None) -> Path:
     return path.resolve()
 
 
-def prepare(config_path: str | Path | None, overrides: list[str] = ()):
+class Prepared(NamedTuple):
+    cfg: FinetuneConfig
+    data: Dataset
+    model_path: str
+    shape: ModelShape
+    plan: Plan
+
+
+def prepare(config_path: str | Path | None, overrides: list[str] = ()) -> Prepared:
     """Config, data, model folder, shape and plan for this machine; nothing written."""
     from localforge.backends import availability
     from localforge.finetune.data import load_data
-    from localforge.finetune.planner import ModelShape, plan
+    from localforge.finetune.planner import plan
     from localforge.hardware import HardwareProfile
     from localforge.models import ensure_hf, resolve
 
@@ -114,7 +126,7 @@ def prepare(config_path: str | Path | None, overrides: list[str] = ()):
     model_path = ensure_hf(resolve(cfg.model))
     shape = ModelShape.from_hf_config(model_path)
     available = {name: availability(name)[0] for name in ("torch", "mlx")}
-    return cfg, data, model_path, shape, plan(HardwareProfile.detect(), shape, cfg, available)
+    return Prepared(cfg, data, model_path, shape, plan(HardwareProfile.detect(), shape, cfg, available))
 
 
 def _as_run(cfg: FinetuneConfig, p: Plan) -> dict:
@@ -127,9 +139,10 @@ def _as_run(cfg: FinetuneConfig, p: Plan) -> dict:
     return out
 
 
-def start(config_path: str | Path | None, overrides: list[str] = ()) -> tuple[RunDir, Plan]:
+def start(config_path: str | Path | None, overrides: list[str] = ()) -> tuple[RunDir, Prepared]:
     """Validate, plan, and write a new run folder (refusing to overwrite a run)."""
-    cfg, data, model_path, shape, p = prepare(config_path, overrides)
+    prepared = prepare(config_path, overrides)
+    cfg, data, model_path, shape, p = prepared
     if p.backend == "mlx" and p.processes > 1:
         raise ConfigError(f"num_processes={p.processes}: MLX trains in one process here; several processes "
                           f"run on torch (--backend torch), through accelerate")
@@ -140,9 +153,9 @@ def start(config_path: str | Path | None, overrides: list[str] = ()) -> tuple[Ru
     run.path.mkdir(parents=True, exist_ok=True)
     run.config.write_text(yaml.safe_dump(_as_run(cfg, p), sort_keys=False))
     write_json(run.info, {"model_path": model_path, "model_params": shape.params, "plan": p.to_dict(),
-                          "data_files": {s: {"path": f, "sha256": sha256(f)} for s, f in data.files.items()},
+                          "data_files": {s: {"path": f, "sha256": sha256_file(f)} for s, f in data.files.items()},
                           "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    return run, p
+    return run, prepared
 
 
 def reopen(run_dir: str | Path, overrides: list[str] = ()) -> tuple[RunDir, Plan]:
@@ -153,7 +166,7 @@ def reopen(run_dir: str | Path, overrides: list[str] = ()) -> tuple[RunDir, Plan
     cfg = load_config(run.config, overrides)
     info = json.loads(run.info.read_text())
     for split, f in info["data_files"].items():
-        if not Path(f["path"]).exists() or sha256(f["path"]) != f["sha256"]:
+        if not Path(f["path"]).exists() or sha256_file(f["path"]) != f["sha256"]:
             raise ConfigError(f"{f['path']} ({split} data) changed or is gone since the run began: resuming would "
                               f"not replay the same data; restore it, or start a new run")
     if overrides:
@@ -219,14 +232,22 @@ def train(run_dir: str | Path, progress: bool = True, stop_after: int | None = N
     from transformers import AutoTokenizer
 
     from localforge.backends.training import get_trainer
-    from localforge.finetune.batches import Schedule, as_rows, encode_all, eval_batches
+    from localforge.finetune.batches import (
+        Schedule,
+        as_rows,
+        encode_all,
+        eval_batches,
+        input_tokens,
+        learned_tokens,
+    )
     from localforge.finetune.data import load_data
+    from localforge.hardware import HardwareProfile
     from localforge.models import quiet_transformers
 
     run = RunDir(run_dir)
     cfg = load_config(run.config)
     info = json.loads(run.info.read_text())
-    Plan(**info["plan"])
+    info["hardware"] = json.loads(HardwareProfile.detect().model_dump_json())  # this session's machine
     quiet_transformers()
     tok = AutoTokenizer.from_pretrained(info["model_path"])
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -266,11 +287,11 @@ def train(run_dir: str | Path, progress: bool = True, stop_after: int | None = N
     with _stop_on_signal() as flag, bar:
         while step < total:
             lr = lr_at(step, total, cfg)
-            step_tokens = sched.step_tokens(step)
+            rows = sched.step_rows(step)
+            step_tokens, inputs = learned_tokens(rows), input_tokens(rows)
             t0 = time.perf_counter()
-            loss = trainer.step(sched.micro_batches(step, trainer.rank), lr, step_tokens) / max(1, step_tokens)
+            loss = trainer.step(sched.split(rows, trainer.rank), lr, step_tokens) / max(1, step_tokens)
             seconds = time.perf_counter() - t0
-            inputs = sum(len(s) for row in sched.step_rows(step) for s in row)
             train_seconds += seconds
             tokens_seen += inputs
             step += 1
@@ -331,8 +352,6 @@ def _checkpoint(run: RunDir, trainer, step: int, total: int, lr: float, keep: in
 def _manifest(run: RunDir, cfg: FinetuneConfig, info: dict, trainer, status: str, history: list[dict],
               resumed_from: str | None, train_seconds: float, tokens: int, wall: float = 0.0,
               adapter: dict | None = None) -> dict:
-    from localforge.hardware import HardwareProfile
-
     metrics = final_metrics(history)
     metrics.update(train_seconds=round(train_seconds, 3), wall_seconds=round(wall, 3),
                    tokens_per_second=round(tokens / train_seconds, 2) if train_seconds else None,
@@ -349,7 +368,7 @@ def _manifest(run: RunDir, cfg: FinetuneConfig, info: dict, trainer, status: str
         "config": cfg.model_dump(),
         "plan": info["plan"],
         "data_files": info["data_files"],
-        "hardware": json.loads(HardwareProfile.detect().model_dump_json()),
+        "hardware": info["hardware"],
         "versions": versions(),
         "processes": trainer.world_size,
         "metrics": metrics,

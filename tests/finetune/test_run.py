@@ -50,7 +50,7 @@ def losses(run_dir, key="loss") -> dict[int, float]:
 
 
 def test_a_run_leaves_adapter_checkpoints_manifest_and_loss_curve(project):
-    run, plan = start(project / "config.yaml", ["backend=torch"])
+    run, _ = start(project / "config.yaml", ["backend=torch"])
     manifest = train(run.path, progress=False)
     assert manifest["status"] == "completed"
     m = manifest["metrics"]

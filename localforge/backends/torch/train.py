@@ -5,6 +5,8 @@ by the step's token count, backward, clip, AdamW. Launched by ``accelerate launc
 several processes, it wraps the model in DDP through ``accelerate.Accelerator`` (gloo on CPU,
 NCCL on CUDA); alone it runs plain torch. Packed rows go in with ``position_ids`` that restart
 per sequence and no attention mask, from which transformers builds a block-diagonal mask.
+
+Only ``backends.training.get_trainer`` imports this module, so torch loads when torch trains.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from localforge.backends.torch.generate import pick_device, pick_dtype
 from localforge.backends.training import IGNORE, PLAIN_HEADS, Batch, TrainSetup
@@ -26,10 +29,9 @@ from localforge.models import quiet_transformers
 
 class TorchTrainer:
     def __init__(self, setup: TrainSetup):
-        import torch
         from transformers import AutoModelForCausalLM
 
-        self.setup, self.torch = setup, torch
+        self.setup = setup
         torch.set_num_threads(setup.threads or default_threads())
         quiet_transformers()
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -55,10 +57,10 @@ class TorchTrainer:
         self.trainable_params = sum(p.numel() for p in self.params)
         self.total_params = sum(p.numel() for p in self.model.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=0.0, weight_decay=setup.weight_decay)
-        self.wrapped = _LearnedTokenLoss(self.model)
+        self.loss = LearnedTokenLoss(self.model)
+        self.wrapped = self.loss  # what training calls: under DDP the wrapper, evaluation keeps the bare module
         if self.accelerator:
-            self.wrapped, self.optimizer = self.accelerator.prepare(self.wrapped, self.optimizer)
-        self.loss = _LearnedTokenLoss(self.model)  # the same model, outside DDP (for evaluation)
+            self.wrapped, self.optimizer = self.accelerator.prepare(self.loss, self.optimizer)
 
     def _with_lora(self, model):
         from peft import LoraConfig, get_peft_model
@@ -72,7 +74,6 @@ class TorchTrainer:
 
     # -- the loop -----------------------------------------------------------------------------
     def _loss_sum(self, loss_module, batch: Batch):
-        torch = self.torch
         ids = torch.from_numpy(batch.input_ids).long().to(self.device)
         if batch.packed:  # transformers reads the packing off position ids restarting at 0
             kwargs = {"position_ids": torch.from_numpy(batch.position_ids).long().to(self.device)}
@@ -84,7 +85,6 @@ class TorchTrainer:
                            torch.from_numpy(flat[where].astype(np.int64)).to(self.device), **kwargs)
 
     def step(self, micro_batches: list[Batch], lr: float, step_tokens: int) -> float:
-        torch = self.torch
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         # DDP averages gradients over processes: scale up so the result is the global token mean
@@ -104,7 +104,6 @@ class TorchTrainer:
         return self._sum_over_processes(total)
 
     def eval_loss(self, batches: list[Batch]) -> tuple[float, int]:
-        torch = self.torch
         self.model.eval()
         total, tokens = 0.0, 0
         with torch.no_grad():
@@ -127,14 +126,12 @@ class TorchTrainer:
                 "trainable_params": self.trainable_params}
 
     def save_state(self, out: Path) -> None:
-        torch = self.torch
         out = Path(out)
         if self.rank == 0:  # under DDP every process holds the same optimizer state
             torch.save(self.optimizer.state_dict(), out / "optimizer.pt")
-        torch.save(_rng_state(torch), out / f"rng-{self.rank}.pt")
+        torch.save(_rng_state(), out / f"rng-{self.rank}.pt")
 
     def load_state(self, src: Path) -> None:
-        torch = self.torch
         from safetensors.torch import load_file
 
         src = Path(src)
@@ -151,13 +148,13 @@ class TorchTrainer:
             set_peft_model_state_dict(self.model, load_file(src / "adapter_model.safetensors"))
         self.optimizer.load_state_dict(torch.load(src / "optimizer.pt", map_location=self.device, weights_only=True))
         rng = src / f"rng-{self.rank}.pt"
-        _set_rng_state(torch, torch.load(rng if rng.exists() else src / "rng-0.pt", weights_only=False))
+        _set_rng_state(torch.load(rng if rng.exists() else src / "rng-0.pt", weights_only=False))
 
     def agree(self, flag: bool) -> bool:
         """True on every process when it is True on any (a Ctrl-C seen by one stops all)."""
         if not self.accelerator:
             return flag
-        return bool(self.accelerator.reduce(self.torch.tensor([float(flag)], device=self.device), "sum").item())
+        return bool(self.accelerator.reduce(torch.tensor([float(flag)], device=self.device), "sum").item())
 
     def barrier(self) -> None:
         if self.accelerator:
@@ -172,51 +169,42 @@ class TorchTrainer:
         gc.collect()
 
 
-def _learned_token_loss_class():
-    import torch
+class LearnedTokenLoss(torch.nn.Module):
+    """Summed cross-entropy over the learned tokens, with logits for those tokens only (see PLAIN_HEADS)."""
 
-    class LearnedTokenLoss(torch.nn.Module):
-        """Summed cross-entropy over the learned tokens, with logits for those tokens only (see PLAIN_HEADS)."""
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.plain = getattr(self._base().config, "model_type", None) in PLAIN_HEADS
 
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-            base = model.get_base_model() if hasattr(model, "get_base_model") else model
-            self.plain = getattr(base.config, "model_type", None) in PLAIN_HEADS
+    def _base(self):
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
-        def forward(self, input_ids, where, targets, **kwargs):
-            base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-            if self.plain:
-                hidden = base.get_decoder()(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
-                logits = base.get_output_embeddings()(hidden.flatten(0, 1).index_select(0, where))
-            else:
-                logits = self.model(input_ids=input_ids, use_cache=False, **kwargs).logits
-                logits = logits.flatten(0, 1).index_select(0, where)
-            return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
-
-    return LearnedTokenLoss
-
-
-def _LearnedTokenLoss(model):  # noqa: N802 - builds the module class on first use (torch imports lazily)
-    return _learned_token_loss_class()(model)
+    def forward(self, input_ids, where, targets, **kwargs):
+        if self.plain:
+            base = self._base()
+            hidden = base.get_decoder()(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
+            logits = base.get_output_embeddings()(hidden.flatten(0, 1).index_select(0, where))
+        else:
+            logits = self.model(input_ids=input_ids, use_cache=False, **kwargs).logits
+            logits = logits.flatten(0, 1).index_select(0, where)
+        return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
 
 
 def _seed_everything(seed: int) -> None:
-    import torch
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def _rng_state(torch) -> dict:
+def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _set_rng_state(torch, state: dict) -> None:
+def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])

@@ -11,7 +11,8 @@ positions are relative, so attention scores need no position restart; models wit
 absolute positions or state-space layers cannot pack here.
 
 Dropout draws from ``mx.random`` (process-wide), reseeded from (seed, step) at the start of every
-step, so a resumed run draws the same masks from the step count alone (``trainer_state.json``).
+step, so a resumed run draws the same masks from the step count alone (``mlx_state.json``; the
+driver's own ``trainer_state.json`` sits beside it).
 """
 
 from __future__ import annotations
@@ -224,7 +225,7 @@ class MLXTrainer:
         self.mx.save_safetensors(str(out / "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
         state = {"engine": "mlx", "step": self.steps, "seed": self.setup.seed,
                  "rng": "mx.random is reseeded from (seed, step) at every step"}
-        (out / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+        (out / "mlx_state.json").write_text(json.dumps(state, indent=2) + "\n")
 
     def load_state(self, src: Path) -> None:
         from mlx.utils import tree_map_with_path
@@ -239,7 +240,7 @@ class MLXTrainer:
         saved = mx.load(str(src / "optimizer.safetensors"))
         self.optimizer.init(self.model.trainable_parameters())
         self.optimizer.state = tree_map_with_path(lambda path, _: saved[path], self.optimizer.state)
-        self.steps = json.loads((src / "trainer_state.json").read_text())["step"]
+        self.steps = json.loads((src / "mlx_state.json").read_text())["step"]
         mx.eval(self.model.parameters(), self.optimizer.state)
 
     def close(self) -> None:

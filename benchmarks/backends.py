@@ -114,8 +114,12 @@ def cache_latency(url: str, model: str) -> dict:
 
 
 def json_ladder(url: str, model: str, rounds: int) -> dict:
-    from localforge.backends import GenerationParams, get_backend
-    from localforge.backends.structured import StructuredOutputError
+    from localforge.backends import (
+        GenerationParams,
+        StructuredOutputError,
+        generate_json,
+        get_backend,
+    )
 
     per_schema = {}
     for name, schema in SCHEMAS.items():
@@ -126,7 +130,7 @@ def json_ladder(url: str, model: str, rounds: int) -> dict:
             tracked = _Counting(be)
             try:
                 # temperature > 0 with a seed: each round is a different but repeatable sample
-                be.generate_json(conv, schema, GenerationParams(max_tokens=128, temperature=0.7, seed=i), attempts=3)
+                generate_json(be, conv, schema, GenerationParams(max_tokens=128, temperature=0.7, seed=i), attempts=3)
                 ok += 1
             except StructuredOutputError:
                 pass

@@ -97,7 +97,7 @@ def check_rows(model_path: str, rows: list[dict], seq: int) -> None:
     """Every row must exceed ``seq`` tokens however it is encoded, with completion left to learn."""
     from transformers import AutoTokenizer
 
-    from localforge.models import quiet_transformers
+    from localforge.backends.hf import quiet_transformers
 
     quiet_transformers()
     tok = AutoTokenizer.from_pretrained(model_path)
@@ -130,7 +130,7 @@ def write_data(folder: Path, model_path: str, seq: int, rows: int = 64) -> Path:
 def _torch_setup(spec: dict):
     import torch
 
-    from localforge.models import quiet_transformers
+    from localforge.backends.hf import quiet_transformers
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(SEED)
@@ -440,8 +440,8 @@ def main() -> None:
         args.steps, args.rounds, args.seq, args.batch = 3, 1, 64, 1
         args.mlx_steps, args.mlx_seq, args.mlx_batch = 3, 64, 1
 
-    from localforge.backends import availability
-    from localforge.models import ensure_hf, resolve
+    from localforge.backends import availability, ensure_hf
+    from localforge.models import resolve
 
     threads = args.threads
     model_path = ensure_hf(resolve("smollm2-135m"))
@@ -575,11 +575,13 @@ def main() -> None:
                   f"mlx {mlx_peak / 1e9:.1f} GFLOP/s (fp32 1024^3 matmul). {elapsed:.0f} s in all.")
 
 
+    from localforge.backends import REGISTRY
     from localforge.finetune.report import versions
 
     result = {
         "machine": machine(),
-        "versions": {**versions(), **{p: _version(p) for p in ("trl", "datasets")}},
+        "versions": {**versions(tuple(p for s in REGISTRY.values() for p in s.packages)),
+                     **{p: _version(p) for p in ("trl", "datasets")}},
         "settings": {"threads": threads, "rounds": args.rounds, "lora": LORA, "learning_rate": LR,
                      **{k: {x: v[x] for x in ("steps", "seq", "batch")} for k, v in settings.items()}},
         "flops_formula": "4*N + 12*layers*((L+1)/2)*d + 6*layers*sum(r*(in+out) over LoRA targets)",

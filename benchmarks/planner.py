@@ -93,7 +93,8 @@ def main() -> None:
 
     from finetune import child_env, localforge_config, write_data
 
-    from localforge.models import ensure_hf, resolve
+    from localforge.backends import ensure_hf
+    from localforge.models import resolve
 
     model_path = ensure_hf(resolve("smollm2-135m"))
     work = Path(tempfile.mkdtemp(prefix="lf-bench-planner-"))

@@ -18,6 +18,12 @@ class ConfigError(LocalforgeError):
     """A bad value in a config file, a flag or an argument."""
 
 
+class UsageError(ConfigError):
+    """A bad value given on the command line (a flag): exit code 2, as for other usage errors."""
+
+    exit_code = 2
+
+
 class ModelNotFound(LocalforgeError):
     """A model reference that does not resolve to local files."""
 

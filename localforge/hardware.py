@@ -48,6 +48,13 @@ class HardwareProfile(BaseModel):
     def has_cuda(self) -> bool:
         return bool(self.cuda_devices)
 
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """Where an engine can run here, best first: cuda, metal (the Apple GPU), mps, cpu."""
+        kinds = {a.kind for a in self.accelerators}
+        offered = (("cuda", "cuda" in kinds), ("metal", "metal" in kinds), ("mps", self.mps), ("cpu", True))
+        return tuple(d for d, ok in offered if ok)
+
     @classmethod
     def detect(cls, probe: Probe | None = None) -> HardwareProfile:
         return _detect(probe or Probe())
@@ -243,4 +250,3 @@ def examples() -> dict[str, HardwareProfile]:
         memory_bytes=16 * GiB, available_memory_bytes=10 * GiB,
     )
     return {"m3-max-128gb": m3, "1x-h100-80gb": one_h100, "4x-h100-80gb": cluster, "cpu-laptop-16gb": laptop}
-

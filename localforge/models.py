@@ -8,24 +8,23 @@ A reference is one of:
 - a Hugging Face repo id (``org/name``) already in the local HF cache;
 - ``ollama:<tag>`` or a name a server serves (only where a server backend asks for it).
 
-Backends that need a HF folder but are given a GGUF get one converted once and cached under
-``cache_dir()`` (``$LOCALFORGE_CACHE`` overrides the user cache directory).
+Backends that need a HF folder but are given a GGUF get one converted once
+(``backends.hf.ensure_hf``) and cached under ``cache_dir()`` (``$LOCALFORGE_CACHE`` overrides
+the user cache directory). This module knows references and where things live; it imports no
+engine.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import os
-import shutil
-import tempfile
+import struct
 from dataclasses import asdict, dataclass, replace
 from importlib.util import find_spec
 from pathlib import Path
 
-from localforge.errors import MissingDependency, ModelNotFound
+from localforge.errors import ModelNotFound
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,7 @@ ALIASES: dict[str, Alias] = {
     ]
 }
 
-DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_MODEL = "smollm2-135m"  # the one default every command and job uses
 
 
 @dataclass
@@ -128,7 +127,7 @@ def _resolve_alias(alias: Alias) -> ResolvedModel:
         "alias",
         alias.name,
         gguf_path=str(gguf),
-        hf_path=str(hf) if _is_hf_folder(hf) else None,
+        hf_path=str(hf) if is_hf_folder(hf) else None,
         description=alias.description,
     )
 
@@ -140,9 +139,9 @@ def _resolve_path(ref: str, path: Path) -> ResolvedModel:
             raise ModelNotFound(f"model file '{ref}' is not a .gguf file: pass a .gguf or a HF folder")
         hf = converted_dir(path)
         return ResolvedModel(
-            ref, "gguf", path.stem, gguf_path=str(path), hf_path=str(hf) if _is_hf_folder(hf) else None
+            ref, "gguf", path.stem, gguf_path=str(path), hf_path=str(hf) if is_hf_folder(hf) else None
         )
-    if _is_hf_folder(path):
+    if is_hf_folder(path):
         ggufs = sorted(path.glob("*.gguf"))
         return ResolvedModel(
             ref, "hf_folder", path.name, hf_path=str(path), gguf_path=str(ggufs[0]) if ggufs else None
@@ -156,7 +155,7 @@ def _resolve_path(ref: str, path: Path) -> ResolvedModel:
     )
 
 
-def _is_hf_folder(path: Path) -> bool:
+def is_hf_folder(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
@@ -180,93 +179,23 @@ def _hf_cache_snapshot(repo_id: str) -> Path | None:
     return snaps[-1] if snaps else None
 
 
-# --- GGUF -> HF conversion ------------------------------------------------------------------
+# --- the cache layout ------------------------------------------------------------------------
 
 
 def converted_dir(gguf: Path) -> Path:
-    """Where the HF folder converted from ``gguf`` lives (it may not exist yet)."""
+    """Where the HF folder converted from ``gguf`` lives (it may not exist yet); the conversion
+    itself is ``backends.hf.ensure_hf``."""
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
     return cache_dir() / "converted" / f"{gguf.stem}-{key}"
 
 
-def ensure_hf(model: ResolvedModel) -> str:
-    """Return a HF folder for ``model``, converting its GGUF once if needed."""
-    if model.hf_path and _is_hf_folder(Path(model.hf_path)):
-        return model.hf_path
-    if not model.gguf_path:
-        raise ModelNotFound(f"model '{model.ref}' has neither a HF folder nor a GGUF file to convert")
-    model.hf_path = str(convert_gguf(Path(model.gguf_path)))
-    return model.hf_path
-
-
-def convert_gguf(gguf: Path, out: Path | None = None) -> Path:
-    """Convert a GGUF file to a HF safetensors folder (fp32, tokenizer, chat template).
-
-    The folder is written next to its final place and renamed into it, so an interrupted
-    conversion never leaves a half folder behind. The config is patched so every engine reads
-    the same RoPE base (see ``_portable_config``).
-    """
-    out = out or converted_dir(gguf)
-    if _is_hf_folder(out):
-        return out
-    if find_spec("transformers") is None or find_spec("gguf") is None:
-        raise MissingDependency(f"converting {gguf.name} to a HF folder", "torch", "transformers/gguf")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    quiet_transformers()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
-        kwargs = {"gguf_file": gguf.name}
-        # transformers' GGUF reader draws its own tqdm bars with no switch; keep them off the
-        # terminal (the CLI shows one spinner for the whole load).
-        with contextlib.redirect_stderr(io.StringIO()):
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), **_gguf_load_kwargs(kwargs))
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        cfg_path = tmp / "config.json"
-        cfg_path.write_text(json.dumps(_portable_config(json.loads(cfg_path.read_text())), indent=2))
-        (tmp / "localforge.json").write_text(json.dumps({"converted_from": str(gguf)}, indent=2))
-        try:
-            tmp.rename(out)
-        except OSError:  # another process finished first
-            if not _is_hf_folder(out):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-def quiet_transformers() -> None:
-    """Keep transformers' per-load progress bars and advice off the user's terminal."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
-def _gguf_load_kwargs(kwargs: dict) -> dict:
-    """Load GGUF weights dequantized to fp32 (save_pretrained refuses packed GGUF weights)."""
-    import torch
-
-    kwargs = dict(kwargs, dtype=torch.float32)
-    try:
-        from transformers import GgufConfig  # transformers >= 5.x
-
-        kwargs["quantization_config"] = GgufConfig(dequantize=True)
-    except ImportError:
-        pass
-    return kwargs
-
-
-def _portable_config(cfg: dict) -> dict:
-    """Write RoPE settings where every engine looks for them.
+def portable_config(cfg: dict) -> dict:
+    """A HF ``config.json`` with its RoPE settings where every engine looks for them.
 
     transformers 5 keeps the RoPE base only in ``rope_parameters``; mlx-lm reads a top-level
     ``rope_theta`` and silently falls back to 10000 without it, which changes every answer.
+    Converted folders are written this way.
     """
     rope = cfg.get("rope_parameters") or {}
     if "rope_theta" in rope and "rope_theta" not in cfg:
@@ -277,13 +206,66 @@ def _portable_config(cfg: dict) -> dict:
     return cfg
 
 
-def portable_overrides(hf_path: str) -> dict:
-    """Config keys an engine that reads older config layouts (mlx-lm) needs added for ``hf_path``.
+def block_count(model: ResolvedModel) -> int:
+    """How many transformer blocks the model has, from its HF config or its GGUF metadata."""
+    if model.hf_path and is_hf_folder(Path(model.hf_path)):
+        cfg = json.loads((Path(model.hf_path) / "config.json").read_text())
+        for c in (cfg, cfg.get("text_config") or {}):
+            for key in ("num_hidden_layers", "n_layer", "num_layers"):
+                if isinstance(c.get(key), int):
+                    return c[key]
+        raise ModelNotFound(f"{model.hf_path}/config.json has no num_hidden_layers: "
+                            "cannot tell how many blocks the model has")
+    if model.gguf_path:
+        count = _gguf_value(Path(model.gguf_path), ".block_count")
+        if isinstance(count, int):
+            return count
+        raise ModelNotFound(f"{model.gguf_path} names no block_count in its metadata")
+    raise ModelNotFound(f"model '{model.ref}' has neither a HF folder nor a GGUF file")
 
-    Applies the same fix as conversion to any HF folder, e.g. one saved by transformers 5.
-    """
-    cfg = json.loads((Path(hf_path) / "config.json").read_text())
-    return {k: v for k, v in _portable_config(dict(cfg)).items() if k not in cfg}
+
+# GGUF metadata value types: struct formats of the fixed-size ones; 8 is a string, 9 an array
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def _gguf_value(path: Path, key_suffix: str):
+    """The first metadata value whose key ends with ``key_suffix``, read from a GGUF header
+    without loading the tensors (None when there is none)."""
+    with open(path, "rb") as f:
+        def read(fmt: str):
+            size = struct.calcsize("<" + fmt)
+            return struct.unpack("<" + fmt, f.read(size))[0]
+
+        def string() -> str:
+            return f.read(read("Q")).decode("utf-8", errors="replace")
+
+        def value(kind: int):
+            if kind in _GGUF_SCALARS:
+                return read(_GGUF_SCALARS[kind])
+            if kind == 8:
+                return string()
+            if kind == 9:
+                inner, n = read("I"), read("Q")
+                if inner in _GGUF_SCALARS:  # skip the array without decoding it
+                    f.seek(n * struct.calcsize("<" + _GGUF_SCALARS[inner]), 1)
+                else:
+                    for _ in range(n):
+                        value(inner)
+                return None
+            raise ValueError(f"unknown GGUF value type {kind}")
+
+        try:
+            if f.read(4) != b"GGUF":
+                return None
+            read("I")  # version
+            read("Q")  # tensor count
+            for _ in range(read("Q")):
+                key, found = string(), value(read("I"))
+                if key.endswith(key_suffix):
+                    return found
+        except (struct.error, ValueError):
+            return None
+    return None
 
 
 def list_models() -> list[dict]:
@@ -300,7 +282,7 @@ def list_models() -> list[dict]:
     conv = cache_dir() / "converted"
     if conv.is_dir():
         for d in sorted(conv.iterdir()):
-            if _is_hf_folder(d):
+            if is_hf_folder(d):
                 rows.append({"name": d.name, "kind": "hf_folder", "installed": True,
                              "gguf_path": None, "hf_path": str(d), "description": "converted from GGUF"})
     return rows

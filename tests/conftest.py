@@ -1,5 +1,9 @@
 """Shared fixtures. Real parts only: the bundled SmolLM2-135M model, real engines, real files.
 
+The tiny random Llama (made here, saved as a HF folder) has SmolLM2's real tokenizer and chat
+template, so data encoding is the real thing, and few enough weights (about 3.3M) that a
+training step takes milliseconds on the CPU, on torch and on MLX alike.
+
 The GGUF -> HF conversion is done once and cached on disk (under $LOCALFORGE_CACHE or the user
 cache), so later runs and later tests reuse it. Loaded backends are session-scoped.
 """
@@ -8,13 +12,14 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import MODEL
+from tests.helpers import MODEL, TRAIN_ROWS, VALID_ROWS, make_tiny_llama, write_jsonl
 
 
 @pytest.fixture(scope="session")
 def smol():
     """The bundled model resolved, with its HF folder converted (once, cached on disk)."""
-    from localforge.models import ensure_hf, resolve
+    from localforge.backends import ensure_hf
+    from localforge.models import resolve
 
     model = resolve(MODEL)
     ensure_hf(model)
@@ -63,3 +68,20 @@ def ollama_url(llamacpp_backend):
     server, url = ollama_server(llamacpp_backend)
     yield url
     server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, smol) -> str:
+    from localforge.backends import ensure_hf
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), ensure_hf(smol))
+
+
+@pytest.fixture
+def train_data(tmp_path):
+    """A data folder with train.jsonl (chat, prompt/completion and text rows) and valid.jsonl."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", TRAIN_ROWS)
+    write_jsonl(folder / "valid.jsonl", VALID_ROWS)
+    return folder

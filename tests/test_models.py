@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from localforge.errors import ModelNotFound
-from localforge.models import ALIASES, _portable_config, converted_dir, list_models, resolve
+from localforge.models import ALIASES, converted_dir, list_models, portable_config, resolve
 
 
 def test_alias_resolves_to_the_bundled_gguf():
@@ -85,9 +85,9 @@ def test_not_a_gguf_file(tmp_path):
 
 
 def test_portable_config_copies_rope_base_to_the_top_level():
-    cfg = _portable_config({"rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}})
+    cfg = portable_config({"rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}})
     assert cfg["rope_theta"] == 100000.0 and "rope_scaling" not in cfg
-    scaled = _portable_config({"rope_parameters": {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0}})
+    scaled = portable_config({"rope_parameters": {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0}})
     assert scaled["rope_scaling"] == {"rope_type": "llama3", "factor": 8.0}
 
 

@@ -1,25 +1,43 @@
-"""The backend registry: backends by name, as plain data, imported only when used.
+"""Backends: every engine behind one interface, found by name in one registry.
 
-``REGISTRY`` maps a name to where its class lives and which modules it needs. Checking whether
-a backend is available looks for those modules without importing them, so ``localforge --help``
-and ``doctor`` stay fast. ``choose_auto`` is a pure function of the hardware profile, what is
-installed and which local servers answer, so it can be tested against machines we lack.
+``get_backend(name, model)`` builds one (``auto`` picks for this machine); the call cache and
+structured output are layered on top of any backend (``cache=`` and ``generate_json``). Engines
+are imported only when used, so importing this package stays fast.
 """
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass
-from importlib.util import find_spec
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from localforge.backends.base import (
-    Backend,
+from localforge.backends.base import Backend
+from localforge.backends.hf import ensure_hf
+from localforge.backends.registry import (
+    REGISTRY,
+    availability,
+    backend_class,
+    choose,
+    installed,
+    load,
+    register,
+    require,
+    spec,
+    trainers,
+)
+from localforge.backends.spec import EngineSpec
+from localforge.backends.structured import (
+    StructuredOutputError,
+    describe_schema,
+    forget_probes,
+    generate_json,
+    structured_modes,
+)
+from localforge.backends.types import (
     BackendError,
     BackendTimeout,
     BackendUnavailable,
     Capabilities,
     ChatResult,
+    Conversation,
     GenerationParams,
     InvalidResponse,
     RequestTooLarge,
@@ -27,144 +45,80 @@ from localforge.backends.base import (
 )
 from localforge.errors import ConfigError
 
-if TYPE_CHECKING:
-    from localforge.hardware import HardwareProfile
-
 __all__ = [
-    "Backend", "BackendError", "BackendTimeout", "BackendUnavailable", "Capabilities",
-    "ChatResult", "GenerationParams", "InvalidResponse", "RequestTooLarge", "Unsupported",
-    "REGISTRY", "BackendSpec", "availability", "choose_auto", "get_backend", "backend_class",
+    "Backend", "BackendError", "BackendTimeout", "BackendUnavailable", "Capabilities", "ChatResult",
+    "Conversation", "EngineSpec", "GenerationParams", "InvalidResponse", "RequestTooLarge",
+    "StructuredOutputError", "Unsupported", "REGISTRY", "availability", "backend_class", "choose",
+    "describe_schema", "ensure_hf", "forget_probes", "fuse", "generate_json", "get_backend", "installed",
+    "load", "register", "require", "resolve_auto", "served_models", "spec", "structured_modes", "trainers",
 ]
 
-
-@dataclass(frozen=True)
-class BackendSpec:
-    name: str
-    target: str  # "module:Class"
-    requires: tuple[str, ...]  # import names that must be installed
-    extra: str  # the pip extra that installs them
-    runs_on: str  # for the README table and doctor
-    server: bool = False  # talks to a server (auto only picks it when one answers)
+# what only a server takes; in-process engines run without them
+SERVER_OPTIONS = ("base_url", "api_key_env", "timeout", "concurrency")
 
 
-REGISTRY: dict[str, BackendSpec] = {
-    s.name: s
-    for s in [
-        BackendSpec("mlx", "localforge.backends.mlx.generate:MLXBackend", ("mlx", "mlx_lm"),
-                    "mlx", "Apple Silicon (Metal); Linux CPU via mlx[cpu]"),
-        BackendSpec("torch", "localforge.backends.torch.generate:TorchBackend",
-                    ("torch", "transformers"), "torch", "CPU, CUDA, MPS"),
-        BackendSpec("llamacpp", "localforge.backends.llamacpp:LlamaCppBackend", ("llama_cpp",),
-                    "llamacpp", "CPU, Metal, CUDA (GGUF files)"),
-        BackendSpec("vllm", "localforge.backends.vllm_engine:VLLMBackend", ("vllm",), "vllm",
-                    "NVIDIA GPUs (offline engine)"),
-        BackendSpec("openai", "localforge.backends.openai_server:OpenAIBackend", ("openai",), "",
-                    "any OpenAI-compatible server ($OPENAI_BASE_URL)", server=True),
-        BackendSpec("lmstudio", "localforge.backends.openai_server:LMStudioBackend", ("openai",), "",
-                    "LM Studio server (http://localhost:1234/v1)", server=True),
-        BackendSpec("vllm-server", "localforge.backends.openai_server:VLLMServerBackend", ("openai",), "",
-                    "vLLM server (http://localhost:8000/v1)", server=True),
-        BackendSpec("ollama", "localforge.backends.ollama_server:OllamaBackend", ("ollama",), "",
-                    "Ollama server (http://localhost:11434, $OLLAMA_HOST)", server=True),
-    ]
-}
+def get_backend(name: str = "auto", model: str | None = None, *, cache: Any = None, **options: Any) -> Backend:
+    """Build a backend by name (or ``auto``) for ``model`` (an alias, folder, file or repo id).
 
-
-def availability(name: str) -> tuple[bool, str]:
-    """Whether backend ``name`` can be used here, and why not. Imports nothing."""
-    spec = REGISTRY.get(name)
-    if spec is None:
-        return False, f"unknown backend '{name}'"
-    for module in spec.requires:
-        try:
-            found = find_spec(module) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            target = f"'localforge[{spec.extra}]'" if spec.extra else "localforge"
-            return False, f"'{module}' is not installed: pip install {target}"
-    return True, "client installed (server not checked)" if spec.server else "installed"
-
-
-def backend_class(name: str) -> type[Backend]:
-    if name not in REGISTRY:
-        raise ConfigError(
-            f"unknown backend '{name}': choose one of {', '.join(['auto', *REGISTRY])}"
-        )
-    ok, reason = availability(name)
-    if not ok:
-        raise BackendUnavailable(f"backend '{name}' is not available: {reason}")
-    module, cls = REGISTRY[name].target.split(":")
-    return getattr(importlib.import_module(module), cls)
-
-
-def choose_auto(
-    profile: HardwareProfile,
-    available: dict[str, bool],
-    answering_servers: tuple[str, ...] = (),
-    model_formats: tuple[str, ...] = ("hf", "gguf"),
-) -> str:
-    """Pick a backend for this machine.
-
-    MLX on Apple Silicon; vLLM (when installed) or torch on NVIDIA; a local server that
-    answers; llama.cpp in-process for GGUF models; torch on the CPU. ``available`` maps
-    backend names to whether they are installed; ``model_formats`` says what the model has.
+    ``cache``: None (off), True (the default cache file), a path, or a ``CallCache``. Server
+    options (``base_url``, ``api_key_env``, ``timeout``, ``concurrency``) left at None take the
+    server's defaults; in-process engines refuse a ``base_url`` and need none of them.
     """
-
-    def usable(name: str, fmt: str | None = None) -> bool:
-        return available.get(name, False) and (fmt is None or fmt in model_formats)
-
-    can_hf = "hf" in model_formats or "gguf" in model_formats  # a GGUF converts to HF
-    if profile.apple_silicon and usable("mlx") and can_hf:
-        return "mlx"
-    if profile.has_cuda:
-        if usable("vllm") and can_hf:
-            return "vllm"
-        if usable("torch") and can_hf:
-            return "torch"
-    for server in answering_servers:
-        if usable(server):
-            return server
-    if usable("llamacpp", "gguf"):
-        return "llamacpp"
-    if usable("torch") and can_hf:
-        return "torch"
-    if usable("mlx") and can_hf:
-        return "mlx"
-    raise BackendUnavailable(
-        "no backend is installed for this machine: pip install 'localforge[torch]' "
-        "(or [mlx] on Apple Silicon, [llamacpp] for GGUF files)"
-    )
-
-
-def get_backend(name: str = "auto", model: str | None = None, **options: Any) -> Backend:
-    """Build a backend by name (or ``auto``) for ``model`` (an alias, folder, file or repo id)."""
+    from localforge.backends.cache import with_cache
     from localforge.models import DEFAULT_MODEL
 
     model = model or DEFAULT_MODEL
     adapter = options.get("adapter")
+    if name == "auto" and options.get("base_url"):
+        raise ConfigError(f"--base-url needs a server backend: --backend {' or '.join(_servers())}")
     if name == "auto":
         name = resolve_auto(model, adapter=bool(adapter))
-    cls = backend_class(name)
-    if adapter and not cls.capabilities.lora_adapters:
+    s = spec(name)
+    if s.server:
+        options = {k: v for k, v in options.items() if v is not None or k not in SERVER_OPTIONS}
+    else:
+        if options.get("base_url"):
+            raise ConfigError(f"--base-url is for server backends; backend '{name}' runs in-process")
+        options = {k: v for k, v in options.items() if k not in SERVER_OPTIONS}
+    if adapter and not s.adapters:
+        loaders = " or ".join(n for n, x in REGISTRY.items() if x.adapters)
         raise Unsupported(
-            f"the {name} backend cannot load LoRA adapters here: use --backend torch or mlx, "
+            f"the {name} backend cannot load LoRA adapters here: use --backend {loaders}, "
             "or `localforge adapters fuse` and load the fused model"
         )
-    return cls(model, **options)
+    return with_cache(backend_class(name)(model, **options), cache)
+
+
+def _servers() -> list[str]:
+    return [n for n, s in REGISTRY.items() if s.server]
 
 
 def resolve_auto(model: str, adapter: bool = False) -> str:
-    """``choose_auto`` for this machine; with ``adapter``, only among backends that load one."""
+    """``choose`` for this machine and ``model``; with ``adapter``, only among backends that load one."""
+    from localforge.backends.server import answering_local_servers
     from localforge.hardware import HardwareProfile
     from localforge.models import resolve
 
     resolved = resolve(model)
     formats = tuple(f for f, p in (("hf", resolved.hf_path), ("gguf", resolved.gguf_path)) if p)
-    from localforge.backends.server import answering_local_servers
-
-    available = {n: availability(n)[0] for n in REGISTRY}
-    if adapter:
-        available = {n: ok and backend_class(n).capabilities.lora_adapters for n, ok in available.items()}
     servers = () if adapter else answering_local_servers()
-    return choose_auto(HardwareProfile.detect(), available, servers, formats)
+    return choose(HardwareProfile.detect(), installed(), servers, formats, adapters=adapter)[0]
+
+
+def served_models(name: str, **options: Any) -> list[str]:
+    """What the server behind backend ``name`` offers."""
+    s = spec(name)
+    if not s.server:
+        raise ConfigError(f"models list --backend lists what a server offers; '{name}' runs in-process")
+    with backend_class(name)("", **{k: v for k, v in options.items() if v is not None}) as be:
+        return be.list_models()
+
+
+def fuse(adapter, out, base: str | None = None):
+    """Merge a LoRA adapter into its base model with the first installed engine that can."""
+    for name, s in REGISTRY.items():
+        if s.fuse and availability(name)[0]:
+            return load(s.fuse)(adapter, out, base)
+    from localforge.errors import MissingDependency
+
+    raise MissingDependency("fusing an adapter", next(s.extra for s in REGISTRY.values() if s.fuse))

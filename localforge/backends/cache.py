@@ -5,6 +5,10 @@ parameters (JSON schema included) and the messages. Re-running an extraction or 
 re-uses every answer it already paid for. SQLite in WAL mode with a busy timeout makes it safe
 for several threads and processes writing at once. A corrupt file is reported, moved aside and
 rebuilt: the cache is an optimisation, never a reason for a job to fail.
+
+``Cached`` layers the cache on top of any backend: it is a backend itself, answers what it has
+seen and hands the rest to the backend it wraps. ``with_cache`` builds one from the ``cache=``
+option that ``get_backend`` takes.
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ import sqlite3
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from localforge.backends.base import Conversation, GenerationParams
+from localforge.backends.base import Backend
+from localforge.backends.types import ChatResult, Conversation, GenerationParams
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, value TEXT NOT NULL, created REAL NOT NULL)"
 
@@ -104,3 +110,65 @@ class CallCache:
         if conn is not None:
             conn.close()
             self._local.conn = None
+
+
+class Cached(Backend):
+    """``backend`` with a call cache in front: hits come from the cache (marked ``cached``), misses
+    from the backend. A backend that runs requests in parallel (a server) gets the misses one by
+    one, that many at a time, and each answer is stored as it arrives, so a job that dies part-way
+    keeps what it got; other backends get the misses as one batch."""
+
+    def __init__(self, backend: Backend, cache: CallCache):
+        super().__init__(backend.model_ref)
+        self.inner, self.cache = backend, cache
+        self.name = backend.name
+        self.capabilities = backend.capabilities
+
+    @property
+    def model_name(self) -> str:  # type: ignore[override]
+        return self.inner.model_name
+
+    def identity(self) -> tuple:
+        return self.inner.identity()
+
+    def generate(self, conversations: list[Conversation], params: GenerationParams) -> list[ChatResult]:
+        keys = [call_key(self.identity(), params, conv) for conv in conversations]
+        results: list[ChatResult | None] = []
+        for key in keys:
+            hit = self.cache.get(key)
+            results.append(ChatResult(**{**hit, "cached": True}) if hit else None)
+        todo = [i for i, r in enumerate(results) if r is None]
+
+        def one(i: int) -> None:
+            results[i] = self.inner.generate([conversations[i]], params)[0]
+            self.cache.put(keys[i], results[i].to_dict())
+
+        if len(todo) > 1 and self.capabilities.parallel > 1:
+            with ThreadPoolExecutor(max_workers=min(len(todo), self.capabilities.parallel)) as pool:
+                list(pool.map(one, todo))
+        elif todo:
+            fresh = self.inner.generate([conversations[i] for i in todo], params)
+            for i, result in zip(todo, fresh, strict=True):
+                self.cache.put(keys[i], result.to_dict())
+                results[i] = result
+        return results  # type: ignore[return-value]
+
+    def health(self):
+        return self.inner.health()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __getattr__(self, attr: str) -> Any:
+        # what a particular engine offers beyond the interface (list_models, tokenizer, device)
+        if attr == "inner":
+            raise AttributeError(attr)
+        return getattr(self.inner, attr)
+
+
+def with_cache(backend: Backend, cache: Any) -> Backend:
+    """``backend`` behind a call cache: ``cache`` is None or False (none), True (the default file),
+    a path, or a ``CallCache``."""
+    if cache is None or cache is False:
+        return backend
+    return Cached(backend, cache if isinstance(cache, CallCache) else CallCache(None if cache is True else cache))

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from localforge.backends.base import (
-    Backend,
+from localforge.backends.base import Backend
+from localforge.backends.spec import EngineSpec
+from localforge.backends.types import (
     BackendUnavailable,
     Capabilities,
     ChatResult,
@@ -16,8 +17,13 @@ from localforge.backends.base import (
     Timer,
     Unsupported,
 )
-from localforge.hardware import default_threads
 from localforge.models import resolve
+
+SPECS = (
+    EngineSpec(name="llamacpp", label="llama.cpp", extra="llamacpp", runs_on="CPU, Metal, CUDA (GGUF files)",
+               generate="localforge.backends.llamacpp:LlamaCppBackend", requires=("llama_cpp",),
+               devices=("cpu", "metal", "cuda"), formats=("gguf",), rank=1),
+)
 
 
 class LlamaCppBackend(Backend):
@@ -39,6 +45,8 @@ class LlamaCppBackend(Backend):
                 f"backend 'llamacpp' loads .gguf files and model '{model}' has none: "
                 "use --backend torch or mlx, or pass a .gguf file"
             )
+        from localforge.hardware import default_threads
+
         try:
             from llama_cpp import Llama
         except ImportError as exc:
@@ -54,7 +62,7 @@ class LlamaCppBackend(Backend):
             verbose=False,
         )
 
-    def _generate(self, conversations: list[Conversation], params: GenerationParams) -> list[ChatResult]:
+    def generate(self, conversations: list[Conversation], params: GenerationParams) -> list[ChatResult]:
         return [self._one(conv, params) for conv in conversations]
 
     def _one(self, conv: Conversation, params: GenerationParams) -> ChatResult:

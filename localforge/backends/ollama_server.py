@@ -1,10 +1,17 @@
-"""Ollama through the official ``ollama`` client (default http://localhost:11434; $OLLAMA_HOST)."""
+"""Ollama through the official ``ollama`` client (default http://localhost:11434; $OLLAMA_HOST).
+
+An API key (Ollama's hosted service, or a proxy in front of a server) is read from the variable
+``api_key_env`` names, else from ``OLLAMA_API_KEY`` as the client does, and sent as a bearer token.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from localforge.backends.base import (
+from localforge.backends.resilience import Transient
+from localforge.backends.server import ServerBackend
+from localforge.backends.spec import EngineSpec
+from localforge.backends.types import (
     BackendError,
     BackendTimeout,
     BackendUnavailable,
@@ -15,8 +22,12 @@ from localforge.backends.base import (
     InvalidResponse,
     Timer,
 )
-from localforge.backends.resilience import Transient
-from localforge.backends.server import ServerBackend
+
+SPECS = (
+    EngineSpec(name="ollama", label="Ollama", extra="", runs_on="Ollama server (http://localhost:11434, $OLLAMA_HOST)",
+               generate="localforge.backends.ollama_server:OllamaBackend", requires=("ollama",), devices=(),
+               formats=("served",), server=True),
+)
 
 
 class OllamaBackend(ServerBackend):
@@ -26,15 +37,19 @@ class OllamaBackend(ServerBackend):
     start_hint = "start Ollama (`ollama serve`, or the desktop app) or set OLLAMA_HOST"
     capabilities = Capabilities(batching=True, json_schema=True, json_mode=True)
 
-    def __init__(self, model: str, **options: Any):
+    def __init__(self, model: str, api_key_env: str | None = None, **options: Any):
         super().__init__(model, **options)
+        import os
+
         import httpx
         import ollama
 
         self._ollama, self._httpx = ollama, httpx
         host = self.base_url if "://" in self.base_url else f"http://{self.base_url}"
         self.base_url = host
-        self.client = ollama.Client(host=host, timeout=self.timeout)
+        key = os.environ.get(api_key_env) if api_key_env else None
+        headers = {"Authorization": f"Bearer {key}"} if key else None
+        self.client = ollama.Client(host=host, timeout=self.timeout, headers=headers)
 
     def _request(self, conv: Conversation, params: GenerationParams, timeout: float, probing: bool) -> ChatResult:
         options: dict[str, Any] = {

@@ -10,7 +10,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from localforge.backends.base import (
+from localforge.backends.resilience import Transient
+from localforge.backends.server import ServerBackend
+from localforge.backends.spec import EngineSpec
+from localforge.backends.types import (
     BackendError,
     BackendTimeout,
     BackendUnavailable,
@@ -22,8 +25,16 @@ from localforge.backends.base import (
     RequestTooLarge,
     Timer,
 )
-from localforge.backends.resilience import Transient
-from localforge.backends.server import ServerBackend
+
+SPECS = tuple(
+    EngineSpec(name=name, label=label, extra="", runs_on=runs_on, generate=f"localforge.backends.openai_server:{cls}",
+               requires=("openai",), devices=(), formats=("served",), server=True)
+    for name, label, cls, runs_on in [
+        ("openai", "OpenAI-compatible server", "OpenAIBackend", "any OpenAI-compatible server ($OPENAI_BASE_URL)"),
+        ("lmstudio", "LM Studio", "LMStudioBackend", "LM Studio server (http://localhost:1234/v1)"),
+        ("vllm-server", "vLLM server", "VLLMServerBackend", "vLLM server (http://localhost:8000/v1)"),
+    ]
+)
 
 _START = (
     "start the server (LM Studio: Developer > Start Server; llama.cpp: "

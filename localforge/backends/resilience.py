@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from localforge.backends.base import BackendTimeout, BackendUnavailable
+from localforge.backends.types import BackendTimeout, BackendUnavailable
 
 T = TypeVar("T")
 

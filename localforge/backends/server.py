@@ -10,18 +10,21 @@ from __future__ import annotations
 import os
 from abc import abstractmethod
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, ClassVar
 
-from localforge.backends.base import (
-    Backend,
+from localforge.backends.base import Backend
+from localforge.backends.resilience import Transient, endpoint
+from localforge.backends.structured import PROBES
+from localforge.backends.types import (
     BackendUnavailable,
     ChatResult,
     Conversation,
     GenerationParams,
     Health,
     Unsupported,
+    first_line,
 )
-from localforge.backends.resilience import Transient, endpoint
 from localforge.models import resolve
 
 
@@ -45,6 +48,7 @@ class ServerBackend(Backend):
         # locally cached repo id is sent as written. "" lists models without naming one.
         self.served = (resolve(model, allow_served=True).served_name or model) if model else ""
         self.endpoint = endpoint(self.base_url, concurrency)
+        self.capabilities = replace(type(self).capabilities, parallel=self.endpoint.concurrency)
 
     @property
     def model_name(self) -> str:
@@ -63,14 +67,8 @@ class ServerBackend(Backend):
 
     # --- shared --------------------------------------------------------------------------------
 
-    def _probe_key(self) -> tuple:
+    def identity(self) -> tuple:
         return (self.name, self.base_url, self.served)
-
-    _confirmed: ClassVar[set[tuple]] = set()  # (probe key, mode) pairs that have worked once
-
-    def forget_probes(self) -> None:
-        super().forget_probes()
-        self._confirmed.difference_update({c for c in self._confirmed if c[0] == self._probe_key()})
 
     def _map(self, fn, items: list) -> list:
         """``fn`` over ``items`` in parallel, at most the endpoint's concurrency at once, in order."""
@@ -79,34 +77,22 @@ class ServerBackend(Backend):
         with ThreadPoolExecutor(max_workers=min(len(items), self.endpoint.concurrency)) as pool:
             return list(pool.map(fn, items))
 
-    def _generate(self, conversations: list[Conversation], params: GenerationParams) -> list[ChatResult]:
+    def generate(self, conversations: list[Conversation], params: GenerationParams) -> list[ChatResult]:
         return self._map(lambda conv: self._call(conv, params), conversations)
-
-    def _cached_generate(self, batch: list[Conversation], params: GenerationParams) -> list[ChatResult]:
-        """Each answer is stored as soon as it arrives, so a job that dies part-way keeps them."""
-        keys, results = self._cache_lookup(batch, params)
-
-        def one(i: int) -> ChatResult:
-            if results[i] is None:
-                results[i] = self._call(batch[i], params)
-                self.cache.put(keys[i], results[i].to_dict())
-            return results[i]
-
-        return self._map(one, list(range(len(batch))))
 
     def _call(self, conv: Conversation, params: GenerationParams) -> ChatResult:
         mode = "json" if params.json_object else "schema" if params.json_schema is not None else None
-        probing = mode is not None and (self._probe_key(), mode) not in self._confirmed
+        probing = mode is not None and not PROBES.accepted(self.identity(), mode)
         result = self.endpoint.call(lambda left: self._request(conv, params, left, probing), self.timeout)
         if probing:
-            self._confirmed.add((self._probe_key(), mode))
+            PROBES.accept(self.identity(), mode)
         return result
 
     def health(self) -> Health:
         try:
             models = self.list_models()
         except Exception as exc:  # noqa: BLE001 - health reports, it never raises
-            return Health(False, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            return Health(False, first_line(exc))
         return Health(True, f"{self.base_url} answers; {len(models)} model(s)")
 
     def transient_or_unsupported(self, status: int, detail: str, probing: bool) -> Exception | None:

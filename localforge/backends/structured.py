@@ -5,21 +5,73 @@ the rung, the answer is parsed (``extract_json`` copes with fences, prose and sm
 validated with jsonschema, since engines enforce schemas only in part (llama.cpp ignores integer
 ranges). On a failure the model is asked again with the validation error, up to ``attempts``
 times; the final error carries every attempt so callers can record rejects.
+
+Structured output sits on top of a backend, not inside it: ``generate_json(backend, ...)`` calls
+``backend.chat``. Which modes a server or model rejected is remembered once per process
+(``PROBES``, keyed by ``backend.identity()``), so each is probed only once.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from localforge.backends.base import BackendError, Conversation, GenerationParams, Unsupported
+from localforge.backends.types import BackendError, Conversation, GenerationParams, Unsupported
 
 if TYPE_CHECKING:
     from localforge.backends.base import Backend
 
 MODES = ("schema", "json", "prompt")
+
+
+class ProbeMemory:
+    """Per backend identity (server and model): the structured-output modes it rejected, and the
+    ones it has accepted at least once (a server's error on an accepted mode is a real error,
+    not a rejected mode)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rejected: dict[tuple, set[str]] = {}
+        self._accepted: set[tuple[tuple, str]] = set()
+
+    def rejected(self, identity: tuple) -> set[str]:
+        with self._lock:
+            return set(self._rejected.get(identity, ()))
+
+    def reject(self, identity: tuple, mode: str) -> None:
+        with self._lock:
+            self._rejected.setdefault(identity, set()).add(mode)
+
+    def accepted(self, identity: tuple, mode: str) -> bool:
+        return (identity, mode) in self._accepted
+
+    def accept(self, identity: tuple, mode: str) -> None:
+        with self._lock:
+            self._accepted.add((identity, mode))
+
+    def forget(self, identity: tuple) -> None:
+        with self._lock:
+            self._rejected.pop(identity, None)
+            self._accepted = {a for a in self._accepted if a[0] != identity}
+
+
+PROBES = ProbeMemory()
+
+
+def structured_modes(backend: Backend) -> list[str]:
+    """The structured-output ladder for ``backend``, best first; ends with "prompt"."""
+    native = [m for m, ok in (("schema", backend.capabilities.json_schema),
+                              ("json", backend.capabilities.json_mode)) if ok]
+    known_bad = PROBES.rejected(backend.identity())
+    return [m for m in native if m not in known_bad] + ["prompt"]
+
+
+def forget_probes(backend: Backend) -> None:
+    """Probe this server and model's structured-output modes again (after an upgrade, say)."""
+    PROBES.forget(backend.identity())
 
 
 @dataclass
@@ -136,7 +188,7 @@ def _repair(span: str) -> str:
 # --- the ladder ----------------------------------------------------------------------------------
 
 
-def _describe(schema: dict) -> str:
+def describe_schema(schema: dict) -> str:
     """A schema as a small model reads it best: the keys with their types and limits.
 
     Small models given a raw JSON Schema tend to echo it back; a plain description works.
@@ -168,7 +220,7 @@ def _describe(schema: dict) -> str:
 
 
 def _instruction(schema: dict) -> str:
-    return f"Reply with {_describe(schema)}. Write only the JSON, no other text."
+    return f"Reply with {describe_schema(schema)}. Write only the JSON, no other text."
 
 
 def _with_instruction(conversation: Conversation, schema: dict) -> Conversation:
@@ -196,7 +248,7 @@ def generate_json(
     params = params or GenerationParams(max_tokens=512)
     first = conv = _with_instruction(conversation, schema_dict)  # every rung benefits from the schema
     tried: list[Attempt] = []
-    modes = [m for m in backend.structured_modes() if m in MODES]
+    modes = structured_modes(backend)
     mode = modes.pop(0)
     while len(tried) < attempts:
         # "json" mode still passes the schema: engines that take it as a hint (llama.cpp) use it
@@ -206,7 +258,7 @@ def generate_json(
         try:
             result = backend.chat(conv, mode_params)
         except Unsupported:
-            backend.mark_unsupported(mode)  # remembered for this server and model
+            PROBES.reject(backend.identity(), mode)  # remembered for this server and model
             mode = modes.pop(0)
             continue
         text = result.text

@@ -1,9 +1,14 @@
 """What a training engine offers the engine-neutral fine-tuning driver (``localforge.finetune``).
 
-An engine (``backends/torch/train.py``, ``backends/mlx/train.py``) builds the model with its
-adapter from a ``TrainSetup`` and does one optimizer step on the micro-batches it is handed.
-Everything else (data order, learning-rate schedule, when to evaluate and save, progress,
-resume bookkeeping, reports) lives in ``finetune/`` and is the same for every engine.
+An engine (``backends/torch/train.py``, ``backends/mlx/train.py``, or any spec's ``trainer``)
+builds the model with its adapter from a ``TrainSetup``, hands over the model's tokenizer, and
+does one optimizer step on the micro-batches it is handed. Everything else (data order,
+learning-rate schedule, when to evaluate and save, progress, resume bookkeeping, reports) lives
+in ``finetune/`` and is the same for every engine.
+
+A checkpoint folder is shared by contract: the driver writes its own files there
+(``trainer_state.json``) and gives the engine a subfolder of its own (``engine/``) for
+everything it needs to continue (weights, optimizer, RNG), so neither can overwrite the other.
 
 Batches are plain numpy arrays, already shifted: ``labels[b, t]`` is the token the model should
 predict after reading ``input_ids[b, : t + 1]``, or -100 where nothing is learned (the prompt,
@@ -13,7 +18,6 @@ sequences of a row (1, 2, ...; 0 for padding); attention must not cross them.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,13 +31,6 @@ IGNORE = -100
 # learned tokens only: the vocabulary projection is the largest matmul of a small model (49k x
 # 576 for SmolLM2) and its fp32 logits the largest activation, and prompts and padding need neither.
 PLAIN_HEADS = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3"})
-
-# engine name -> "module:Class"; the module is imported only when that engine trains
-TRAINERS = {
-    "torch": "localforge.backends.torch.train:TorchTrainer",
-    "mlx": "localforge.backends.mlx.train:MLXTrainer",
-}
-
 
 @dataclass
 class Batch:
@@ -74,41 +71,43 @@ class TrainSetup:
 
 
 class Trainer(Protocol):
-    """One engine's model, adapter and optimizer."""
+    """One engine's model, adapter, optimizer and tokenizer, in one training process."""
 
     rank: int  # this process, 0 when training alone
     world_size: int
     trainable_params: int
     total_params: int
+    tokenizer: Any  # the model's tokenizer: apply_chat_template, encode, eos_token_id, pad_token_id
 
-    def step(self, micro_batches: list[Batch], lr: float, step_tokens: int) -> float:
-        """One optimizer step over ``micro_batches`` (this process's share of the step).
+    def step(self, step: int, micro_batches: list[Batch], lr: float, step_tokens: int) -> float:
+        """Optimizer step number ``step`` (0-based) over ``micro_batches``, this process's share.
 
         The loss is normalised by ``step_tokens``, the loss tokens of the whole step across all
-        processes, so accumulation and process count do not change the gradient. Returns the
-        summed loss of the step over all processes (divide by ``step_tokens`` for the mean).
+        processes, so accumulation and process count do not change the gradient. Anything random
+        in the step (dropout) is a function of (seed, ``step``) or of state that ``save`` keeps.
+        Returns the summed loss of the step over all processes (divide by ``step_tokens``).
         """
 
     def eval_loss(self, batches: list[Batch]) -> tuple[float, int]:
         """Summed loss and loss-token count over ``batches``, with no gradient."""
 
-    def save_adapter(self, out: Path) -> dict[str, Any]:
-        """Write the adapter (or full weights) in the engine's native format; return its description."""
+    def save(self, folder: Path) -> None:
+        """Write everything resuming needs into ``folder`` (the engine's own; it exists): the
+        trained weights, optimizer and RNG state. Called on every process; under several
+        processes each writes what is its own."""
 
-    def save_state(self, out: Path) -> None:
-        """Write everything resume needs beside the adapter: optimizer state and RNG state."""
+    def load(self, folder: Path) -> None:
+        """Continue from what ``save`` wrote in ``folder``."""
 
-    def load_state(self, src: Path) -> None:
-        """Load the adapter, optimizer and RNG state written by ``save_adapter`` + ``save_state``."""
+    def export(self, out: Path) -> dict[str, Any]:
+        """Write the adapter (or full weights) in the engine's native format, loadable by
+        ``generate --adapter``; return its description (format, path). Called on rank 0."""
+
+    def sync(self, flag: bool) -> bool:
+        """True on every process when ``flag`` is True on any (one Ctrl-C stops them all)."""
+
+    def barrier(self) -> None:
+        """Wait until every process gets here."""
 
     def close(self) -> None:
         """Release distributed groups and memory."""
-
-
-def get_trainer(name: str, setup: TrainSetup) -> Trainer:
-    from localforge.errors import ConfigError
-
-    if name not in TRAINERS:
-        raise ConfigError(f"backend '{name}' cannot train: choose one of {', '.join(TRAINERS)}")
-    module, cls = TRAINERS[name].split(":")
-    return getattr(importlib.import_module(module), cls)(setup)

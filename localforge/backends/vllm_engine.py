@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from localforge.backends.base import (
-    Backend,
+from localforge.backends.base import Backend
+from localforge.backends.spec import EngineSpec
+from localforge.backends.types import (
     BackendUnavailable,
     Capabilities,
     ChatResult,
@@ -17,7 +18,13 @@ from localforge.backends.base import (
     GenerationParams,
     Timer,
 )
-from localforge.models import ensure_hf, resolve
+from localforge.models import resolve
+
+SPECS = (
+    EngineSpec(name="vllm", label="vLLM", extra="vllm", runs_on="NVIDIA GPUs (offline engine)",
+               generate="localforge.backends.vllm_engine:VLLMBackend", requires=("vllm",),
+               devices=("cuda",), prefers=("cuda",), rank=0),
+)
 
 
 class VLLMBackend(Backend):
@@ -27,6 +34,8 @@ class VLLMBackend(Backend):
     def __init__(self, model: str, dtype: str = "auto", gpu_memory_utilization: float = 0.85,
                  max_model_len: int | None = None, **options: Any):
         super().__init__(model, **options)
+        from localforge.backends.hf import ensure_hf
+
         resolved = resolve(model)
         path = ensure_hf(resolved)
         try:
@@ -58,7 +67,7 @@ class VLLMBackend(Backend):
             kwargs["structured_outputs"] = StructuredOutputsParams(json=params.json_schema)
         return self._vllm.SamplingParams(**kwargs)
 
-    def _generate(self, conversations: list[Conversation], params: GenerationParams) -> list[ChatResult]:
+    def generate(self, conversations: list[Conversation], params: GenerationParams) -> list[ChatResult]:
         with Timer() as t:
             outs = self.llm.chat(conversations, self.sampling_params(params), use_tqdm=False)
         results = []

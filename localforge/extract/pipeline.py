@@ -19,42 +19,69 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
+
+from pydantic import ConfigDict, Field, model_validator
 
 from localforge.extract.chunking import Chunk, chunk_text
 from localforge.extract.convert import SUPPORTED, Converted, Converter, DocumentError
 from localforge.extract.grounding import ground_record
 from localforge.extract.routing import models, parse_rule, pick
-from localforge.extract.schema import chunk_schema
+from localforge.extract.schema import chunk_schema, load_examples, load_schema
 from localforge.files import write_atomic
+from localforge.settings import BackendChoice, load_settings
 
 PROMPT_VERSION = "extract-v1"
 
 
-@dataclass
-class ExtractSettings:
-    schema: dict
-    backend: str = "auto"
-    model: str = "smollm2-135m"
-    base_url: str | None = None
-    temperature: float = 0.0
-    passes: int = 1
-    concurrency: int = 4
-    chunk_size: int = 384
-    overlap: int = 48
-    max_tokens: int = 512
-    attempts: int = 3
+class ExtractSettings(BackendChoice):
+    """Everything that decides an extraction, as ``--config FILE`` holds it (flags and ``key=value``
+    override it). After validation ``record_schema`` is the JSON Schema of one record and
+    ``examples`` a list, whatever form they were given in."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    PATHS: ClassVar[tuple[str, ...]] = ("schema", "examples")  # read beside the config file when there
+
+    record_schema: dict | str | None = Field(
+        None, alias="schema", description="a JSON Schema file, module:Class (pydantic), or the schema itself")
+    fields: str | None = Field(None, description='inline fields: "title:str, release:str, frequency_mhz:float"')
+    examples: list[dict] | str | None = Field(None, description='few-shot examples: [{"text", "records"}] or a JSON file')
+    route: str | None = Field(None, description="with --model SMALL,LARGE: when the large one is used")
+    temperature: float = Field(0.0, ge=0)
+    passes: int = Field(1, ge=1, description="independent passes, merged (more recall, more calls)")
+    chunk_size: int = Field(384, ge=16, description="tokens per chunk")
+    overlap: int = Field(48, ge=0, description="tokens shared by neighbouring chunks")
+    max_tokens: int = Field(512, ge=1)
+    attempts: int = Field(3, ge=1, description="asks per chunk before it is rejected")
     cache: bool = True
-    examples: list[dict] = field(default_factory=list)  # [{"text": ..., "records": [...]}]
-    pdf_mode: str = "auto"
-    route: str | None = None  # with two models (--model small,large): when to use the large one
+    pdf_mode: Literal["auto", "native", "standard"] = "auto"
+
+    @model_validator(mode="after")
+    def _resolve(self) -> ExtractSettings:
+        from localforge.backends import require
+
+        if self.backend != "auto":
+            require(self.backend)  # an unknown or missing backend fails before any work
+        self.record_schema = load_schema(self.record_schema, self.fields)
+        self.fields = None
+        self.examples = load_examples(self.examples)
+        if self.route:
+            parse_rule(self.route)
+        models(self.model)
+        return self
 
     def digest(self) -> str:
         """What decides the records: a re-run with other values is a different job."""
-        keys = ("schema", "backend", "model", "base_url", "temperature", "passes", "chunk_size",
+        keys = ("backend", "model", "base_url", "temperature", "passes", "chunk_size",
                 "overlap", "max_tokens", "attempts", "examples", "route")
-        blob = json.dumps({k: getattr(self, k) for k in keys} | {"v": PROMPT_VERSION}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        values = {k: getattr(self, k) for k in keys} | {"schema": self.record_schema, "v": PROMPT_VERSION}
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_extract_settings(path: str | Path | None = None, overrides: list[str] = (),
+                          flags: dict | None = None) -> ExtractSettings:
+    """``ExtractSettings`` from a config file, ``key=value`` overrides and flags (see ``settings``)."""
+    return load_settings(ExtractSettings, path, overrides, flags)
 
 
 @dataclass
@@ -168,18 +195,18 @@ def _keep_only(path: Path, keep: Callable[[dict], bool]) -> None:
 
 
 def system_prompt(record_schema: dict) -> str:
-    from localforge.backends.structured import _describe
+    from localforge.backends import describe_schema
 
     return (
         "You extract structured records from a document excerpt. "
-        f"Return a JSON object {{\"records\": [...]}} where each record is {_describe(record_schema)}. "
+        f"Return a JSON object {{\"records\": [...]}} where each record is {describe_schema(record_schema)}. "
         "Copy every value exactly as it is written in the excerpt. Include only facts the excerpt "
         "states; if it states none, return {\"records\": []}."
     )
 
 
 def conversation(settings: ExtractSettings, excerpt: str) -> list[dict]:
-    msgs = [{"role": "system", "content": system_prompt(settings.schema)}]
+    msgs = [{"role": "system", "content": system_prompt(settings.record_schema)}]
     for ex in settings.examples:
         msgs.append({"role": "user", "content": ex["text"]})
         msgs.append({"role": "assistant", "content": json.dumps({"records": ex["records"]}, ensure_ascii=False)})
@@ -206,10 +233,12 @@ def _dedupe_key(record: dict) -> str:
 def run(paths: Iterable[Path], out: Path, settings: ExtractSettings,
         on_event: Callable[..., None] | None = None, backend=None) -> Summary:
     """Extract records from ``paths`` into ``out``; ``on_event(kind, **data)`` reports progress."""
-    from localforge.backends import get_backend
-    from localforge.backends.base import RequestTooLarge
-    from localforge.backends.server import ServerBackend
-    from localforge.backends.structured import StructuredOutputError
+    from localforge.backends import (
+        RequestTooLarge,
+        StructuredOutputError,
+        generate_json,
+        get_backend,
+    )
 
     emit = on_event or (lambda kind, **data: None)
     summary = Summary()
@@ -234,21 +263,12 @@ def run(paths: Iterable[Path], out: Path, settings: ExtractSettings,
         if given is not None:
             return given
         if model not in backends:
-            from localforge.backends import REGISTRY
-
-            options: dict[str, Any] = {"cache": True if settings.cache else None}
-            if settings.base_url:
-                options["base_url"] = settings.base_url
-            if REGISTRY.get(settings.backend) and REGISTRY[settings.backend].server:
-                options["concurrency"] = settings.concurrency
-            backends[model] = get_backend(settings.backend, model, **options)
+            backends[model] = get_backend(settings.backend, model, cache=settings.cache or None,
+                                          **settings.backend_options())
         return backends[model]
 
-    models(settings.model)  # a bad --model fails before any work
-    if settings.route:
-        parse_rule(settings.route)
-    target = chunk_schema(settings.schema)
-    prompt_hash = hashlib.sha256((system_prompt(settings.schema) + PROMPT_VERSION).encode()).hexdigest()[:16]
+    target = chunk_schema(settings.record_schema)
+    prompt_hash = hashlib.sha256((system_prompt(settings.record_schema) + PROMPT_VERSION).encode()).hexdigest()[:16]
     try:
         for path in files:
             try:
@@ -263,7 +283,7 @@ def run(paths: Iterable[Path], out: Path, settings: ExtractSettings,
                 continue
             model = pick(settings.model, settings.route, doc.text, len(doc.pages))
             backend = backend_for(model)
-            parallel = settings.concurrency if isinstance(backend, ServerBackend) else 1  # in-process engines are not thread-safe
+            parallel = backend.capabilities.parallel  # 1 for in-process engines: they are not thread-safe
             chunks = chunk_text(doc.text, settings.chunk_size, settings.overlap)
             emit("document", path=str(path), chunks=len(chunks) * settings.passes, model=model)
             kept: dict[str, tuple[dict, Chunk, int]] = {}
@@ -271,8 +291,8 @@ def run(paths: Iterable[Path], out: Path, settings: ExtractSettings,
             def one(task: tuple[int, Chunk], text: str = doc.text, backend=backend):
                 n_pass, chunk = task
                 try:
-                    obj = backend.generate_json(conversation(settings, chunk.prompt_text(text)), target,
-                                                _params(settings, n_pass), attempts=settings.attempts)
+                    obj = generate_json(backend, conversation(settings, chunk.prompt_text(text)), target,
+                                        _params(settings, n_pass), attempts=settings.attempts)
                     return n_pass, chunk, obj.get("records", []), None
                 except (StructuredOutputError, RequestTooLarge) as exc:
                     return n_pass, chunk, [], exc

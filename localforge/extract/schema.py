@@ -33,13 +33,16 @@ def parse_fields(spec: str) -> dict:
     return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
 
 
-def load_schema(schema: str | None = None, fields: str | None = None) -> dict:
+def load_schema(schema: str | dict | None = None, fields: str | None = None) -> dict:
+    """The record schema from ``--schema`` (a JSON Schema file, ``module:Class``, or in a config file
+    the schema itself) or ``--fields``."""
     if bool(schema) == bool(fields):
         raise ConfigError("give exactly one of --schema (a JSON Schema file or module:Class) and --fields")
     if fields:
         return parse_fields(fields)
-    path = Path(schema)
-    if path.suffix == ".json" or path.exists():
+    if isinstance(schema, dict):
+        data, schema = schema, "(inline)"
+    elif (path := Path(schema)).suffix == ".json" or path.exists():
         data = read_json(path, "--schema")
     elif ":" in schema:
         module, _, name = schema.partition(":")
@@ -53,6 +56,17 @@ def load_schema(schema: str | None = None, fields: str | None = None) -> dict:
     check_json_schema(data, f"--schema {schema}")
     if data.get("type") != "object" or not isinstance(data.get("properties"), dict):
         raise ConfigError(f"--schema {schema}: the record schema must be an object with properties")
+    return data
+
+
+def load_examples(examples: str | Path | list | None) -> list[dict]:
+    """Few-shot examples: a JSON file (``--examples``) or, in a config file, the list itself."""
+    if not examples:
+        return []
+    data = examples if isinstance(examples, list) else read_json(examples, "--examples")
+    if not isinstance(data, list) or not all(isinstance(e, dict) and {"text", "records"} <= set(e) for e in data):
+        raise ConfigError(f'--examples {examples if not isinstance(examples, list) else "(inline)"}: '
+                          'expected a list of {"text": ..., "records": [...]}')
     return data
 
 

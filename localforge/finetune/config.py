@@ -1,4 +1,5 @@
-"""The fine-tuning config: one YAML file for MLX and torch, validated, with key=value overrides.
+"""The fine-tuning config: one YAML file for every engine that trains, validated, with key=value
+overrides (read by ``localforge.settings``).
 
 Errors name the key, what it got and what it accepts, in one line.
 """
@@ -6,11 +7,12 @@ Errors name the key, what it got and what it accepts, in one line.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from localforge.errors import ConfigError
+from localforge.models import DEFAULT_MODEL
+from localforge.settings import load_settings
 
 Auto = Literal["auto"]
 
@@ -27,12 +29,13 @@ class LoraConfig(BaseModel):
 
 class FinetuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    PATHS: ClassVar[tuple[str, ...]] = ("data",)  # read beside the config file when it is there
 
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     data: str
     method: Literal["lora", "dora", "full"] = "lora"
     lora: LoraConfig = Field(default_factory=LoraConfig)
-    backend: Literal["auto", "mlx", "torch"] = "auto"
+    backend: str = Field("auto", description="auto, or an engine that trains (see `localforge doctor`)")
     steps: int | None = Field(None, ge=1)
     epochs: float | None = Field(None, gt=0)
     batch_size: int | Auto = "auto"
@@ -55,6 +58,17 @@ class FinetuneConfig(BaseModel):
     num_processes: int | Auto = Field("auto", description="training processes (accelerate launch); auto: one per GPU")
     output_dir: str = "runs/run"
 
+    @field_validator("backend")
+    @classmethod
+    def _an_engine_that_trains(cls, value: str) -> str:
+        from localforge.backends import trainers
+
+        names = ["auto", *trainers()]
+        if value not in names:
+            raise ValueError(f"expected {', '.join(repr(n) for n in names[:-1])} or {names[-1]!r} "
+                             f"(backends that train), got {value!r}")
+        return value
+
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> FinetuneConfig:
         if self.steps is None and self.epochs is None:
@@ -64,85 +78,6 @@ class FinetuneConfig(BaseModel):
         return self
 
 
-_KINDS = {"int_parsing": "a whole number", "int_type": "a whole number", "float_parsing": "a number",
-          "float_type": "a number", "bool_parsing": "true or false", "bool_type": "true or false",
-          "string_type": "a string", "list_type": "a list"}
-
-
-def _key(err: dict) -> str:
-    # pydantic adds the union member tried (int, literal['auto'], ...) to the location: drop it
-    return ".".join(str(p) for p in err["loc"] if not str(p).startswith(("int", "literal[", "bool", "float")))
-
-
-def _describe(errors: list[dict]) -> str:
-    """One line for the first offending key, its union alternatives merged."""
-    first = errors[0]
-    key = _key(first)
-    same = [e for e in errors if _key(e) == key]
-    got = first.get("input")
-    if first["type"] == "extra_forbidden":
-        return f"config key '{key}' is not known; check its spelling (see `localforge finetune --help`)"
-    if not key:
-        return f"config: {first['msg'].removeprefix('Value error, ')}"
-    if first["type"] == "missing":
-        return f"config key '{key}' is required"
-    if len(same) > 1 or first["type"] in _KINDS or first["type"] == "literal_error":
-        wanted = []
-        for e in same:
-            if e["type"] == "literal_error":
-                wanted.append(e["ctx"]["expected"])
-            else:
-                wanted.append(_KINDS.get(e["type"], e["msg"]))
-        return f"config key '{key}': expected {' or '.join(dict.fromkeys(wanted))}, got {got!r}"
-    return f"config key '{key}': {first['msg'][0].lower() + first['msg'][1:]}, got {got!r}"
-
-
-def _parse_value(text: str):
-    import yaml
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def apply_override(data: dict, item: str) -> None:
-    """``lora.rank=16`` sets data["lora"]["rank"] = 16 (values parsed as YAML)."""
-    key, sep, value = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override '{item}': write key=value, e.g. steps=200 or lora.rank=16")
-    node = data
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override '{item}': '{part}' is not a section")
-    node[parts[-1]] = _parse_value(value)
-
-
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> FinetuneConfig:
-    import yaml
-
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{p}: no such config file") from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" (line {mark.line + 1})" if mark else ""
-            raise ConfigError(f"{p}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: expected a mapping of config keys, got {type(data).__name__}")
-    for item in overrides:
-        apply_override(data, item)
-    try:
-        return FinetuneConfig.model_validate(data)
-    except ValidationError as exc:
-        errors = exc.errors()
-        keys = list(dict.fromkeys(_key(e) for e in errors))
-        more = f" (and {len(keys) - 1} more key{'s' if len(keys) > 2 else ''})" if len(keys) > 1 else ""
-        prefix = f"{path}: " if path else ""
-        raise ConfigError(prefix + _describe(errors) + more) from None
+def load_config(path: str | Path | None, overrides: list[str] = (), flags: dict | None = None) -> FinetuneConfig:
+    """The config at ``path`` with ``key=value`` overrides and flags applied (see ``settings``)."""
+    return load_settings(FinetuneConfig, path, overrides, flags)

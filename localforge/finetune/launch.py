@@ -1,9 +1,10 @@
-"""Several training processes through accelerate: ``accelerate launch -m localforge.finetune.worker``.
+"""Several training processes through accelerate: ``accelerate launch -m WORKER RUN_DIR``.
 
 accelerate starts the processes (torchrun underneath) and each one runs ``train`` on the same
-run folder; the torch engine wraps its model in DDP (gloo on CPU, NCCL on CUDA). An accelerate
-config file (``accelerate config``) brings FSDP or DeepSpeed and multi-node settings; the
-flags here cover the common cases without one.
+run folder through the worker module the caller names (the CLI's renders progress); an engine
+that trains in several processes joins them (the torch engine wraps its model in DDP: gloo on
+CPU, NCCL on CUDA). An accelerate config file (``accelerate config``) brings FSDP or DeepSpeed
+and multi-node settings; the flags here cover the common cases without one.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class Launch:
     main_port: int | None = None
     accelerate_config: str | None = None
 
-    def command(self, run_dir: Path, progress: bool) -> list[str]:
+    def command(self, run_dir: Path, worker: str, progress: bool) -> list[str]:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(self.processes),
                "--num_machines", str(self.machines), "--machine_rank", str(self.machine_rank)]
         if self.accelerate_config:
@@ -37,11 +38,12 @@ class Launch:
             cmd += ["--main_process_ip", self.main_ip]
         if self.main_port:
             cmd += ["--main_process_port", str(self.main_port)]
-        cmd += ["-m", "localforge.finetune.worker", str(run_dir)] + ([] if progress else ["--no-progress"])
+        cmd += ["-m", worker, str(run_dir)] + ([] if progress else ["--no-progress"])
         return cmd
 
 
-def launch(run_dir: Path, spec: Launch, progress: bool = True) -> None:
+def launch_processes(run_dir: Path, spec: Launch, worker: str, progress: bool = True) -> None:
+    """Run ``python -m WORKER RUN_DIR`` in ``spec.processes`` processes; raise when they fail."""
     from importlib.util import find_spec
 
     from localforge.hardware import default_threads
@@ -55,7 +57,7 @@ def launch(run_dir: Path, spec: Launch, progress: bool = True) -> None:
     # processes on one CPU share its cores
     env.setdefault("LOCALFORGE_THREADS", str(max(1, default_threads() // local)))
     env.setdefault("OMP_NUM_THREADS", env["LOCALFORGE_THREADS"])
-    code = subprocess.call(spec.command(run_dir, progress), env=env)
+    code = subprocess.call(spec.command(run_dir, worker, progress), env=env)
     if code == 130:
         from localforge.finetune.run import TrainingInterrupted
 

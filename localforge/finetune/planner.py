@@ -4,6 +4,8 @@ It picks the backend, dtype, batch size, accumulation, LoRA rank and layers (whe
 gradient checkpointing, and predicts the peak memory of one training process from a simple
 model of what training holds: the weights, the trainable parameters with their gradients and
 Adam states, the activations kept for the backward pass, the logits, and the runtime itself.
+What it knows of engines (which train what, where they run, whether they run several
+processes, what their runtime holds) it reads from their specs in the backend registry.
 Pure, so it can be tested with profiles of machines we do not have.
 """
 
@@ -14,11 +16,12 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from localforge.backends import REGISTRY, BackendUnavailable, EngineSpec, choose, spec, trainers
+from localforge.errors import ConfigError
 from localforge.finetune.config import FinetuneConfig
 from localforge.hardware import GiB, HardwareProfile
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-RUNTIME_BYTES = {"cpu": 455 * 1024**2, "cuda": 600 * 1024**2, "metal": 300 * 1024**2, "mps": 400 * 1024**2}
 TARGET_EFFECTIVE_BATCH = 16
 
 
@@ -83,14 +86,29 @@ class Plan:
         return asdict(self)
 
 
-def _device(profile: HardwareProfile, backend: str) -> str:
-    if backend == "mlx":
-        return "metal" if profile.mlx_device == "gpu" else "cpu"
-    if profile.has_cuda:
-        return "cuda"
-    if profile.mps:
-        return "mps"
-    return "cpu"
+def _device(profile: HardwareProfile, engine: EngineSpec) -> str:
+    """The engine's best device that this machine has."""
+    return next((d for d in engine.devices if d in profile.devices), "cpu")
+
+
+def _engine(profile: HardwareProfile, cfg: FinetuneConfig, available: dict[str, bool] | None,
+            reasons: list[str]) -> EngineSpec:
+    """The engine that trains: the config's, or the one ``auto`` means here; checked against its spec."""
+    available = available if available is not None else {name: True for name in trainers()}
+    if cfg.backend == "auto":
+        name, why = choose(profile, available, train=cfg.method)
+        reasons.append(f"backend {name} ({why})")
+    else:
+        name = cfg.backend
+        if not available.get(name, False):
+            extra = spec(name).extra
+            raise BackendUnavailable(f"backend '{name}' is not installed here: pip install "
+                                     f"{f'localforge[{extra}]' if extra else 'localforge'!r}")
+    engine = spec(name)
+    if cfg.method not in engine.methods:
+        raise ConfigError(f"config key 'method': backend '{name}' trains {', '.join(engine.methods) or 'nothing'}, "
+                          f"not '{cfg.method}'")
+    return engine
 
 
 def _dtype(profile: HardwareProfile, device: str, requested: str) -> str:
@@ -121,7 +139,7 @@ def trainable_params(shape: ModelShape, method: str, rank: int, targets: list[st
 
 
 def predict_peak(shape: ModelShape, *, method: str, dtype: str, batch: int, seq: int, rank: int,
-                 targets: list[str], layers: int, checkpointing: bool, device: str) -> int:
+                 targets: list[str], layers: int, checkpointing: bool, runtime_bytes: int) -> int:
     b = DTYPE_BYTES[dtype]
     weights = shape.params * b
     trainable = trainable_params(shape, method, rank, targets, layers)
@@ -137,31 +155,30 @@ def predict_peak(shape: ModelShape, *, method: str, dtype: str, batch: int, seq:
     else:
         activations = tokens * shape.layers * per_token_layer
     logits = tokens * shape.vocab * 4 * 3  # logits, log-softmax and their gradient, in fp32
-    return int(weights + optimizer + activations + logits + RUNTIME_BYTES[device])
+    return int(weights + optimizer + activations + logits + runtime_bytes)
 
 
 def plan(profile: HardwareProfile, shape: ModelShape, cfg: FinetuneConfig,
          available: dict[str, bool] | None = None) -> Plan:
-    """Choose everything ``auto`` in ``cfg`` for ``profile``; explain each choice in ``reasons``."""
-    available = available or {"torch": True, "mlx": True}
+    """Choose everything ``auto`` in ``cfg`` for ``profile``; explain each choice in ``reasons``.
+
+    ``available`` maps backend names to whether they are installed (default: every engine that
+    trains, for planning machines we do not have).
+    """
     reasons: list[str] = []
-    backend = cfg.backend
-    if backend == "auto":
-        if profile.apple_silicon and available.get("mlx"):
-            backend, why = "mlx", "Apple Silicon: MLX on Metal"
-        elif available.get("torch"):
-            backend, why = "torch", "CUDA GPU: torch" if profile.has_cuda else "no Apple GPU: torch"
-        else:
-            backend, why = "mlx", "torch is not installed"
-        reasons.append(f"backend {backend} ({why})")
-    device = _device(profile, backend)
+    engine = _engine(profile, cfg, available, reasons)
+    device = _device(profile, engine)
     dtype = _dtype(profile, device, cfg.dtype)
     processes = cfg.num_processes
     if processes == "auto":
-        processes = max(1, len(profile.cuda_devices)) if device == "cuda" else 1
+        processes = max(1, len(profile.cuda_devices)) if device == "cuda" and engine.multi_process else 1
         if processes > 1:
             reasons.append(f"{processes} processes, one per GPU (DDP through accelerate)")
     processes = int(processes)
+    if processes > 1 and not engine.multi_process:
+        several = [n for n, s in REGISTRY.items() if s.trains and s.multi_process]
+        raise ConfigError(f"num_processes={processes}: {engine.label} trains in one process here; several "
+                          f"processes run on {' or '.join(several)} (--backend {several[0]}), through accelerate")
 
     rank = cfg.lora.rank
     if rank == "auto":
@@ -181,7 +198,7 @@ def plan(profile: HardwareProfile, shape: ModelShape, cfg: FinetuneConfig,
     def peak(batch: int, ckpt: bool) -> int:
         return predict_peak(shape, method=cfg.method, dtype=dtype, batch=batch, seq=cfg.max_seq_length,
                             rank=int(rank), targets=cfg.lora.targets, layers=layers, checkpointing=ckpt,
-                            device=device)
+                            runtime_bytes=engine.runtime_bytes.get(device, 0))
 
     ckpt_options = [cfg.gradient_checkpointing] if isinstance(cfg.gradient_checkpointing, bool) else [False, True]
     batch, ckpt = None, ckpt_options[0]
@@ -205,7 +222,7 @@ def plan(profile: HardwareProfile, shape: ModelShape, cfg: FinetuneConfig,
     if accum == "auto":
         accum = max(1, math.ceil(TARGET_EFFECTIVE_BATCH / (batch * processes)))
         reasons.append(f"accumulation {accum}: effective batch {batch * processes * accum}")
-    return Plan(backend=backend, device=device, dtype=dtype, batch_size=batch, grad_accum=int(accum),
+    return Plan(backend=engine.name, device=device, dtype=dtype, batch_size=batch, grad_accum=int(accum),
                 lora_rank=None if cfg.method == "full" else int(rank),
                 lora_layers=None if cfg.method == "full" else layers,
                 gradient_checkpointing=ckpt, predicted_peak_bytes=peak(batch, ckpt),

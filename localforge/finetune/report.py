@@ -15,12 +15,11 @@ from pathlib import Path
 
 from localforge.files import write_atomic
 
-PACKAGES = ("localforge", "torch", "transformers", "peft", "accelerate", "mlx", "mlx-lm", "numpy")
 
-
-def versions() -> dict[str, str | None]:
+def versions(packages: tuple[str, ...] = ()) -> dict[str, str | None]:
+    """Python's version, localforge's, and each of ``packages`` (an engine spec's list)."""
     out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in PACKAGES:
+    for name in ("localforge", *packages):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -5,15 +5,17 @@
     RUN_DIR/config.yaml      the config as run: every ``auto`` replaced by the planned value
     RUN_DIR/run.json         the model folder, the plan and the data files' hashes
     RUN_DIR/metrics.jsonl    one line per step ({"step", "loss", ...}) and per evaluation
-    RUN_DIR/checkpoints/step-00000050/   adapter + optimizer + RNG + trainer_state.json
+    RUN_DIR/checkpoints/step-00000050/trainer_state.json   the driver's: step, total, lr
+    RUN_DIR/checkpoints/step-00000050/engine/              the engine's: adapter, optimizer, RNG
     RUN_DIR/adapter/         the final adapter in the engine's native format
     RUN_DIR/manifest.json, RUN_DIR/loss.png
 
 ``train`` runs (or continues) the run in a folder: it loads the newest checkpoint if there is
 one, so resuming is the same call. Data order is a pure function of (seed, step), and the
-learning rate of (config, step), so adapter + optimizer + RNG + step is all a resume needs to
-follow the curve of an uninterrupted run. Ctrl-C finishes the current step, saves a checkpoint
-and exits.
+learning rate of (config, step), so the engine's state + step is all a resume needs to follow
+the curve of an uninterrupted run. Ctrl-C finishes the current step, saves a checkpoint and
+exits. The driver talks to the engine through ``backends.training.Trainer`` only, and reports
+progress through a callback (``on_event``); it draws nothing itself.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import math
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import yaml
 
@@ -43,7 +46,12 @@ from localforge.finetune.report import (
 )
 
 if TYPE_CHECKING:
+    from localforge.backends.training import Batch, Trainer
+    from localforge.finetune.batches import Schedule
     from localforge.finetune.data import Dataset
+
+ENGINE_DIR = "engine"  # the engine's own subfolder of a checkpoint
+Events = Callable[..., None]  # on_event(kind, **data): "start", "step", "eval", "checkpoint"
 
 
 class TrainingInterrupted(LocalforgeError):
@@ -76,6 +84,12 @@ class RunDir:
     def exists(self) -> bool:
         return self.info.exists()
 
+    @staticmethod
+    def engine_dir(checkpoint: Path) -> Path:
+        """The engine's files in a checkpoint (checkpoints written before the split hold them at the top)."""
+        engine = checkpoint / ENGINE_DIR
+        return engine if engine.is_dir() else checkpoint
+
     def checkpoint_dirs(self) -> list[Path]:
         if not self.checkpoints.is_dir():
             return []
@@ -96,14 +110,6 @@ class RunDir:
 
 
 # -- starting --------------------------------------------------------------------------------------
-def _data_path(cfg: FinetuneConfig, config_path: Path | None) -> Path:
-    """A relative data path is read beside the config file when it is there, else from the working directory."""
-    path = Path(cfg.data).expanduser()
-    if not path.is_absolute() and config_path is not None and (config_path.parent / path).exists():
-        path = config_path.parent / path
-    return path.resolve()
-
-
 class Prepared(NamedTuple):
     cfg: FinetuneConfig
     data: Dataset
@@ -112,21 +118,23 @@ class Prepared(NamedTuple):
     plan: Plan
 
 
-def prepare(config_path: str | Path | None, overrides: list[str] = ()) -> Prepared:
-    """Config, data, model folder, shape and plan for this machine; nothing written."""
-    from localforge.backends import availability
+def prepare(config_path: str | Path | None, overrides: list[str] = (), flags: dict | None = None) -> Prepared:
+    """Config, data, model folder, shape and plan for this machine; nothing written.
+
+    ``flags``: command-line values by config key ({"backend": ("--backend", "mlx")}, see ``settings``).
+    """
+    from localforge.backends import ensure_hf, installed, trainers
     from localforge.finetune.data import load_data
     from localforge.finetune.planner import plan
     from localforge.hardware import HardwareProfile
-    from localforge.models import ensure_hf, resolve
+    from localforge.models import resolve
 
-    cfg = load_config(config_path, overrides)
-    cfg.data = str(_data_path(cfg, Path(config_path) if config_path else None))
+    cfg = load_config(config_path, overrides, flags)
+    cfg.data = str(Path(cfg.data).expanduser().resolve())
     data = load_data(cfg.data)
     model_path = ensure_hf(resolve(cfg.model))
     shape = ModelShape.from_hf_config(model_path)
-    available = {name: availability(name)[0] for name in ("torch", "mlx")}
-    return Prepared(cfg, data, model_path, shape, plan(HardwareProfile.detect(), shape, cfg, available))
+    return Prepared(cfg, data, model_path, shape, plan(HardwareProfile.detect(), shape, cfg, installed(trainers())))
 
 
 def _as_run(cfg: FinetuneConfig, p: Plan) -> dict:
@@ -139,13 +147,11 @@ def _as_run(cfg: FinetuneConfig, p: Plan) -> dict:
     return out
 
 
-def start(config_path: str | Path | None, overrides: list[str] = ()) -> tuple[RunDir, Prepared]:
+def start(config_path: str | Path | None, overrides: list[str] = (),
+          flags: dict | None = None) -> tuple[RunDir, Prepared]:
     """Validate, plan, and write a new run folder (refusing to overwrite a run)."""
-    prepared = prepare(config_path, overrides)
+    prepared = prepare(config_path, overrides, flags)
     cfg, data, model_path, shape, p = prepared
-    if p.backend == "mlx" and p.processes > 1:
-        raise ConfigError(f"num_processes={p.processes}: MLX trains in one process here; several processes "
-                          f"run on torch (--backend torch), through accelerate")
     run = RunDir(cfg.output_dir)
     if run.exists():
         raise ConfigError(f"{run.path} already holds a run: continue it with `localforge finetune resume "
@@ -206,152 +212,156 @@ def _setup(cfg: FinetuneConfig, model_path: str):
                       weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
 
 
-def _progress(enabled: bool, total: int, start: int):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
-                        TextColumn("eval {task.fields[eval]}"), TimeRemainingColumn(), disable=not enabled,
-                        transient=False)
-    task = progress.add_task("train", total=total, completed=start, loss="-", tps="-", eval="-")
-    return progress, task
+class _Data(NamedTuple):
+    schedule: Schedule
+    total: int  # steps in the run
+    valid: list[Batch] | None
 
 
-def train(run_dir: str | Path, progress: bool = True, stop_after: int | None = None) -> dict:
+def _tokenized(cfg: FinetuneConfig, tokenizer) -> _Data:
+    """The run's data through the engine's tokenizer: the step schedule and the validation batches."""
+    from localforge.finetune.batches import Schedule, as_rows, encode_all, eval_batches
+    from localforge.finetune.data import load_data
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    data = load_data(cfg.data)
+    seqs = encode_all(tokenizer, data.splits["train"], cfg.mask_prompt, cfg.max_seq_length, where=data.files["train"])
+    sched = Schedule(as_rows(seqs, cfg.packing, cfg.max_seq_length, cfg.seed), int(cfg.batch_size),
+                     int(cfg.grad_accum), int(cfg.num_processes), cfg.seed, pad)
+    valid = None
+    if "valid" in data.splits:
+        vseqs = encode_all(tokenizer, data.splits["valid"], cfg.mask_prompt, cfg.max_seq_length,
+                           where=data.files["valid"])
+        valid = eval_batches(vseqs, int(cfg.batch_size), pad, cfg.eval_batches)
+    return _Data(sched, cfg.steps or sched.steps_for_epochs(cfg.epochs), valid)
+
+
+def _engine(cfg: FinetuneConfig, model_path: str) -> tuple[Trainer, tuple[str, ...]]:
+    """The trainer of the config's engine, and the packages its manifest records."""
+    from localforge.backends import load, require
+
+    spec = require(cfg.backend)
+    return load(spec.trainer)(_setup(cfg, model_path)), spec.packages
+
+
+def _resume(run: RunDir, trainer: Trainer, main: bool) -> tuple[int, str | None]:
+    """Load the newest checkpoint into the engine, if there is one; the step to continue from."""
+    ckpt = run.latest()
+    if ckpt is None:
+        return 0, None
+    trainer.load(run.engine_dir(ckpt))
+    step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+    if main:
+        run.truncate_metrics(step)
+    return step, str(ckpt)
+
+
+def train(run_dir: str | Path, on_event: Events | None = None, stop_after: int | None = None) -> dict:
     """Run or continue the run in ``run_dir``; return its manifest.
 
-    ``stop_after`` ends the session after that many steps as Ctrl-C would (checkpoint and exit
-    with ``TrainingInterrupted``): for tests and for splitting a run across sessions.
+    ``on_event(kind, **data)`` hears of progress, from the main process only: "start" (step,
+    total), "step" (step, loss, tokens_per_second), "eval" (step, eval_loss) and "checkpoint"
+    (step, path). ``stop_after`` ends the session after that many steps as Ctrl-C would
+    (checkpoint and exit with ``TrainingInterrupted``): for tests and for splitting a run.
     """
-    from transformers import AutoTokenizer
-
-    from localforge.backends.training import get_trainer
-    from localforge.finetune.batches import (
-        Schedule,
-        as_rows,
-        encode_all,
-        eval_batches,
-        input_tokens,
-        learned_tokens,
-    )
-    from localforge.finetune.data import load_data
+    from localforge.finetune.batches import input_tokens, learned_tokens
     from localforge.hardware import HardwareProfile
-    from localforge.models import quiet_transformers
 
     run = RunDir(run_dir)
     cfg = load_config(run.config)
     info = json.loads(run.info.read_text())
     info["hardware"] = json.loads(HardwareProfile.detect().model_dump_json())  # this session's machine
-    quiet_transformers()
-    tok = AutoTokenizer.from_pretrained(info["model_path"])
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    data = load_data(cfg.data)
-    seqs = encode_all(tok, data.splits["train"], cfg.mask_prompt, cfg.max_seq_length, where=data.files["train"])
-    sched = Schedule(as_rows(seqs, cfg.packing, cfg.max_seq_length, cfg.seed), int(cfg.batch_size),
-                     int(cfg.grad_accum), int(cfg.num_processes), cfg.seed, pad)
-    total = cfg.steps or sched.steps_for_epochs(cfg.epochs)
-    valid = None
-    if "valid" in data.splits:
-        vseqs = encode_all(tok, data.splits["valid"], cfg.mask_prompt, cfg.max_seq_length, where=data.files["valid"])
-        valid = eval_batches(vseqs, int(cfg.batch_size), pad, cfg.eval_batches)
-
-    trainer = get_trainer(cfg.backend, _setup(cfg, info["model_path"]))
-    if trainer.world_size != sched.world_size:
-        raise ConfigError(f"config num_processes={sched.world_size} but {trainer.world_size} processes are "
-                          f"running: launch with `localforge finetune` (it starts accelerate itself)")
+    trainer, packages = _engine(cfg, info["model_path"])
+    data = _tokenized(cfg, trainer.tokenizer)
+    if trainer.world_size != data.schedule.world_size:
+        raise ConfigError(f"config num_processes={data.schedule.world_size} but {trainer.world_size} processes "
+                          f"are running: launch with `localforge finetune` (it starts accelerate itself)")
     main = trainer.rank == 0
-    agree = getattr(trainer, "agree", lambda flag: flag)
-    barrier = getattr(trainer, "barrier", lambda: None)
-    step = 0
-    resumed_from = None
-    if (ckpt := run.latest()) is not None:
-        trainer.load_state(ckpt)
-        step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
-        resumed_from = str(ckpt)
-        if main:
-            run.truncate_metrics(step)
+
+    def emit(kind: str, **event) -> None:  # one process reports; the others train in step with it
+        if on_event is not None and main:
+            on_event(kind, **event)
+
+    step, resumed_from = _resume(run, trainer, main)
     history = read_metrics(run.metrics)
     began, train_seconds, tokens_seen = time.time(), 0.0, 0
-    manifest = _manifest(run, cfg, info, trainer, "running", history, resumed_from, 0.0, 0)
-    if main:
-        write_json(run.manifest, manifest)
 
-    bar, task = _progress(progress and main, total, step)
+    def manifest(status: str, adapter: dict | None = None) -> dict:
+        return _manifest(run, cfg, info, trainer, packages, status, history, resumed_from, train_seconds,
+                         tokens_seen, wall=time.time() - began if status != "running" else 0.0, adapter=adapter)
+
+    if main:
+        write_json(run.manifest, manifest("running"))
+    emit("start", step=step, total=data.total)
     interrupted = False
-    with _stop_on_signal() as flag, bar:
-        while step < total:
-            lr = lr_at(step, total, cfg)
-            rows = sched.step_rows(step)
+    with _stop_on_signal() as flag:
+        while step < data.total:
+            lr = lr_at(step, data.total, cfg)
+            rows = data.schedule.step_rows(step)
             step_tokens, inputs = learned_tokens(rows), input_tokens(rows)
             t0 = time.perf_counter()
-            loss = trainer.step(sched.split(rows, trainer.rank), lr, step_tokens) / max(1, step_tokens)
+            loss = trainer.step(step, data.schedule.split(rows, trainer.rank), lr, step_tokens) / max(1, step_tokens)
             seconds = time.perf_counter() - t0
             train_seconds += seconds
             tokens_seen += inputs
             step += 1
-            row = {"step": step, "loss": loss, "lr": lr, "tokens": inputs, "loss_tokens": step_tokens,
-                   "seconds": round(seconds, 4)}
-            history.append(row)
-            if main:
-                run.append_metric(row)
-            fields = {"loss": f"{loss:.3f}", "tps": f"{tokens_seen / train_seconds:.0f}"}
-            if valid and (step % cfg.eval_every == 0 or step == total):
-                s, n = trainer.eval_loss(valid)
-                history.append({"step": step, "eval_loss": s / max(1, n)})
-                fields["eval"] = f"{s / max(1, n):.3f}"
-                if main:
-                    run.append_metric(history[-1])
-            bar.update(task, completed=step, **fields)
-            interrupted = agree(flag["stop"] or (stop_after is not None and step >= stop_after and step < total))
-            if step % cfg.save_every == 0 or step == total or interrupted:
-                _checkpoint(run, trainer, step, total, lr, cfg.keep_checkpoints, main, barrier)
+            _log(run, history, main, {"step": step, "loss": loss, "lr": lr, "tokens": inputs,
+                                      "loss_tokens": step_tokens, "seconds": round(seconds, 4)})
+            emit("step", step=step, loss=loss, tokens_per_second=tokens_seen / train_seconds)
+            if data.valid and (step % cfg.eval_every == 0 or step == data.total):
+                total, n = trainer.eval_loss(data.valid)
+                _log(run, history, main, {"step": step, "eval_loss": total / max(1, n)})
+                emit("eval", step=step, eval_loss=total / max(1, n))
+            stopping = flag["stop"] or (stop_after is not None and step >= stop_after and step < data.total)
+            interrupted = trainer.sync(stopping)
+            if step % cfg.save_every == 0 or step == data.total or interrupted:
+                emit("checkpoint", step=step, path=str(_checkpoint(run, trainer, step, data.total, lr,
+                                                                    cfg.keep_checkpoints, main)))
             if interrupted:
                 break
 
-    saved = trainer.save_adapter(run.adapter) if step >= total and main else None
-    status = "completed" if step >= total else "interrupted"
-    manifest = _manifest(run, cfg, info, trainer, status, history, resumed_from, train_seconds, tokens_seen,
-                         wall=time.time() - began, adapter=saved)
+    saved = trainer.export(run.adapter) if step >= data.total and main else None
+    final = manifest("completed" if step >= data.total else "interrupted", saved)
     trainer.close()  # free the model before drawing
     if main:
-        write_json(run.manifest, manifest)
+        write_json(run.manifest, final)
         plot_loss(history, run.plot, f"{cfg.model} {cfg.method} on {cfg.backend} ({Path(cfg.data).name})")
     if interrupted:
-        raise TrainingInterrupted(f"stopped at step {step} of {total}; checkpoint saved in {run.latest()}: "
+        raise TrainingInterrupted(f"stopped at step {step} of {data.total}; checkpoint saved in {run.latest()}: "
                                   f"continue with `localforge finetune resume {run.path}`")
-    return manifest
+    return final
 
 
-def _checkpoint(run: RunDir, trainer, step: int, total: int, lr: float, keep: int, main: bool, barrier) -> None:
-    """Write checkpoints/step-N atomically (a temp folder renamed into place), then prune old ones."""
+def _log(run: RunDir, history: list[dict], main: bool, row: dict) -> None:
+    history.append(row)
+    if main:
+        run.append_metric(row)
+
+
+def _checkpoint(run: RunDir, trainer: Trainer, step: int, total: int, lr: float, keep: int, main: bool) -> Path:
+    """Write checkpoints/step-N atomically (a temp folder renamed into place), then prune old ones:
+    the engine's state in its own subfolder, the driver's ``trainer_state.json`` beside it."""
     final = run.checkpoints / f"step-{step:08d}"
     tmp = run.checkpoints / f".step-{step:08d}.tmp"
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    if main:
-        trainer.save_adapter(tmp)
-    trainer.save_state(tmp)
-    barrier()
+        (tmp / ENGINE_DIR).mkdir(parents=True)
+    trainer.barrier()
+    trainer.save(tmp / ENGINE_DIR)
+    trainer.barrier()
     if main:
         write_json(tmp / "trainer_state.json", {"step": step, "total_steps": total, "lr": lr})
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for old in run.checkpoint_dirs()[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    barrier()
+    trainer.barrier()
+    return final
 
 
-def _manifest(run: RunDir, cfg: FinetuneConfig, info: dict, trainer, status: str, history: list[dict],
-              resumed_from: str | None, train_seconds: float, tokens: int, wall: float = 0.0,
-              adapter: dict | None = None) -> dict:
+def _manifest(run: RunDir, cfg: FinetuneConfig, info: dict, trainer: Trainer, packages: tuple[str, ...],
+              status: str, history: list[dict], resumed_from: str | None, train_seconds: float, tokens: int,
+              wall: float = 0.0, adapter: dict | None = None) -> dict[str, Any]:
     metrics = final_metrics(history)
     metrics.update(train_seconds=round(train_seconds, 3), wall_seconds=round(wall, 3),
                    tokens_per_second=round(tokens / train_seconds, 2) if train_seconds else None,
@@ -369,7 +379,7 @@ def _manifest(run: RunDir, cfg: FinetuneConfig, info: dict, trainer, status: str
         "plan": info["plan"],
         "data_files": info["data_files"],
         "hardware": info["hardware"],
-        "versions": versions(),
+        "versions": versions(packages),
         "processes": trainer.world_size,
         "metrics": metrics,
     }

@@ -76,7 +76,7 @@ def test_server_run_writes_valid_grounded_records_and_resumes(llama_server, docs
     rows = _rows(out)
     assert summary.records == len(rows) and summary.chunks >= 3
     for row in rows:
-        jsonschema.validate({k: v for k, v in row.items() if not k.startswith("_")}, settings.schema)
+        jsonschema.validate({k: v for k, v in row.items() if not k.startswith("_")}, settings.record_schema)
         prov = row["_provenance"]
         assert prov["backend"] == "openai" and len(prov["file_sha256"]) == 64
         if prov["source"].endswith(".pdf"):
@@ -186,3 +186,18 @@ def test_routing_sends_complex_documents_to_the_large_model(llama_server, docs, 
     assert used.get("table_01.html", "small-model") == "small-model"  # 100 characters
     assert used.get("duck.md", "large-model") == "large-model"  # 1026 characters
     assert used, "no records at all: nothing to check the routing on"
+
+
+def test_cli_reads_a_config_file_with_overrides(llama_server, docs, tmp_path):
+    """`extract --config FILE key=value`: the same settings a pipeline file will hold."""
+    cfg = tmp_path / "extract.yaml"
+    cfg.write_text(f"fields: '{FIELDS}'\nbackend: openai\nmodel: {ALIAS}\nbase_url: {llama_server.url}\n"
+                   "chunk_size: 999\nmax_tokens: 160\nattempts: 2\ncache: false\n")
+    out = tmp_path / "out.jsonl"
+    res = run_cli("extract", str(docs / "duck.md"), "--config", str(cfg), "chunk_size=256", "-o", str(out))
+    assert res.returncode == 0, res.stderr
+    rows = _rows(out)
+    assert rows and all(r["_provenance"]["backend"] == "openai" for r in rows)
+    expected = ExtractSettings(schema=parse_fields(FIELDS), backend="openai", model=ALIAS, base_url=llama_server.url,
+                               chunk_size=256, max_tokens=160, attempts=2, cache=False)
+    assert {r["_provenance"]["settings"] for r in rows} == {expected.digest()}  # the override won over the file

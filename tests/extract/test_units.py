@@ -196,3 +196,43 @@ def test_routing_by_complexity():
         pick("small,large", "words>3", "", 1)
     with pytest.raises(ConfigError, match="give one model, or a small and a large one"):
         pick("a,b,c", None, "", 1)
+
+
+# --- settings: one object, from a file, key=value and flags ----------------------------------------
+
+
+def test_settings_from_a_config_file_with_overrides(tmp_path):
+    from localforge.extract.pipeline import load_extract_settings
+
+    (tmp_path / "record.json").write_text(json.dumps(parse_fields("name:str, detail:str")))
+    (tmp_path / "shots.json").write_text(json.dumps([{"text": "a", "records": []}]))
+    cfg = tmp_path / "extract.yaml"
+    cfg.write_text("schema: record.json\nexamples: shots.json\nbackend: openai\nmodel: m\n"
+                   "base_url: http://x\nchunk_size: 300\n")
+    settings = load_extract_settings(cfg, ["chunk_size=256"], {"passes": ("--passes", None)})
+    assert settings.record_schema == parse_fields("name:str, detail:str") and settings.passes == 1
+    assert settings.examples == [{"text": "a", "records": []}] and settings.chunk_size == 256
+    # the records of an earlier version's run are still recognised as done: the digest is unchanged
+    assert settings.digest() == "cef2ab636f078344"
+    inline = load_extract_settings(None, ["fields=name:str"])
+    assert inline.record_schema == parse_fields("name:str") and inline.digest() == "18cb5b4b221060dd"
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--fields", "a:str", "--passes", "0"], 2, "error: --passes: input should be greater than or equal to 1, got 0"),
+    (["--fields", "a:str", "chunk_size=8"], 1, "error: config key 'chunk_size': input should be greater than or equal to 16"),
+    ([], 1, "error: give exactly one of --schema (a JSON Schema file or module:Class) and --fields"),
+    (["--fields", "a:str", "--model", "a,b,c"], 1, "error: --model 'a,b,c': give one model, or a small and a large"),
+    (["--fields", "a:str", "--backend", "nope"], 1, "error: unknown backend 'nope': choose one of auto, mlx, torch"),
+    (["--config", "missing.yaml"], 1, "error: missing.yaml: no such config file"),
+])
+def test_bad_settings_fail_in_one_line_before_any_work(tmp_path, args, code, message):
+    from tests.helpers import run_cli
+
+    doc = tmp_path / "doc.md"
+    doc.write_text("# A radio\n\nThe Nord 7 is made by Clavia.\n")
+    out = tmp_path / "out.jsonl"
+    res = run_cli("extract", str(doc), "-o", str(out), *args, env={"LOCALFORGE_CACHE": str(tmp_path / "c")})
+    assert res.returncode == code, res.stderr
+    assert res.stderr.startswith(message) and len(res.stderr.splitlines()) == 1, res.stderr
+    assert not out.exists() and not (tmp_path / "c").exists()  # nothing was done

@@ -26,7 +26,7 @@ from localforge.finetune.run import lr_at
 def tok(smol):
     from transformers import AutoTokenizer
 
-    from localforge.models import ensure_hf
+    from localforge.backends import ensure_hf
 
     return AutoTokenizer.from_pretrained(ensure_hf(smol))
 

@@ -51,7 +51,7 @@ def losses(run_dir, key="loss") -> dict[int, float]:
 
 def test_a_run_leaves_adapter_checkpoints_manifest_and_loss_curve(project):
     run, _ = start(project / "config.yaml", ["backend=torch"])
-    manifest = train(run.path, progress=False)
+    manifest = train(run.path)
     assert manifest["status"] == "completed"
     m = manifest["metrics"]
     assert m["steps"] == 8 and m["final_train_loss"] == losses(run.path)[8]
@@ -75,12 +75,12 @@ def test_a_stopped_and_resumed_run_follows_the_uninterrupted_curve(project, back
     if backend == "mlx":
         pytest.importorskip("mlx.core")
     straight, _ = start(project / "config.yaml", [f"backend={backend}", "output_dir=runs/straight"])
-    train(straight.path, progress=False)
+    train(straight.path)
     run, _ = start(project / "config.yaml", [f"backend={backend}", "output_dir=runs/split"])
     with pytest.raises(TrainingInterrupted, match=r"stopped at step 4 of 8; checkpoint saved in .*step-00000004"):
-        train(run.path, progress=False, stop_after=4)
+        train(run.path, stop_after=4)
     assert json.loads(run.manifest.read_text())["status"] == "interrupted"
-    manifest = train(run.path, progress=False)
+    manifest = train(run.path)
     assert manifest["resumed_from"].endswith("step-00000004")
     assert losses(run.path) == pytest.approx(losses(straight.path), rel=1e-6)
     assert losses(run.path, "eval_loss") == pytest.approx(losses(straight.path, "eval_loss"), rel=1e-6)
@@ -109,7 +109,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_same_run(project, tin
     assert done.returncode == 0, done.stderr
     assert "resuming" in done.stderr and done.stdout.strip() == str(run.adapter)
     straight, _ = start(project / "config.yaml", ["backend=torch", "output_dir=runs/straight"])
-    train(straight.path, progress=False)
+    train(straight.path)
     assert losses(run.path) == pytest.approx(losses(straight.path), rel=1e-6)
 
 
@@ -117,7 +117,7 @@ def test_two_processes_match_one(project):
     # without dropout: each process draws its own dropout masks, so only the maths can match
     one, _ = start(project / "config.yaml", ["backend=torch", "output_dir=runs/one", "batch_size=4", "steps=4",
                                              "lora.dropout=0"])
-    train(one.path, progress=False)
+    train(one.path)
     result = run_cli("finetune", "config.yaml", "--backend", "torch", "--num-processes", "2", "batch_size=2",
                      "output_dir=runs/two", "steps=4", "lora.dropout=0", "--no-progress")
     assert result.returncode == 0, result.stderr
@@ -142,7 +142,7 @@ def test_bad_input_is_one_line(project):
 
 def test_resume_refuses_changed_data(project):
     run, _ = start(project / "config.yaml", ["backend=torch", "steps=2"])
-    train(run.path, progress=False)
+    train(run.path)
     with open(project / "data/train.jsonl", "a") as fh:
         fh.write('{"text": "one more row"}\n')
     result = run_cli("finetune", "resume", str(run.path), "steps=4")
@@ -166,12 +166,12 @@ def test_a_short_real_run_on_the_bundled_model(project, backend):
 @pytest.mark.parametrize("trained_on, used_on", [("mlx", "torch"), ("torch", "mlx")])
 def test_an_adapter_trained_on_one_engine_gives_the_same_logits_on_the_other(project, tiny_llama, trained_on, used_on):
     pytest.importorskip("mlx.core")
-    from localforge.finetune.adapters import convert
-    from tests.finetune.test_adapters import max_diff, mlx_logits, mlx_model, torch_logits
+    from localforge.adapters import convert
+    from tests.test_adapters import max_diff, mlx_logits, mlx_model, torch_logits
 
     run, _ = start(project / "config.yaml", [f"backend={trained_on}", "steps=3", "learning_rate=0.05",
                                              "lora.dropout=0", "lora.layers=1"])
-    adapter = Path(train(run.path, progress=False)["adapter"]["path"])
+    adapter = Path(train(run.path)["adapter"]["path"])
     other = convert(adapter, {"torch": "peft", "mlx": "mlx"}[used_on], project / "converted")
     ids = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173]
     native, moved = (adapter, other) if trained_on == "torch" else (other, adapter)

@@ -1,0 +1,16 @@
+"""mlx-lm: generation (``generate.py``) and the training engine on mlx-lm's tuner (``train.py``).
+This file only declares the engine."""
+
+from localforge.backends.spec import EngineSpec, MiB
+
+SPECS = (
+    EngineSpec(
+        name="mlx", label="MLX", extra="mlx", runs_on="Apple Silicon (Metal); Linux CPU via mlx[cpu]",
+        generate="localforge.backends.mlx.generate:MLXBackend", requires=("mlx", "mlx_lm"),
+        devices=("metal", "cpu"), prefers=("metal",), rank=3, adapters=True,
+        trainer="localforge.backends.mlx.train:MLXTrainer", methods=("lora", "dora", "full"),
+        multi_process=False,
+        runtime_bytes={"metal": 300 * MiB, "cpu": 455 * MiB},
+        packages=("mlx", "mlx-lm", "numpy"),
+    ),
+)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from localforge.backends.base import (
-    Backend,
+from localforge.backends.base import Backend
+from localforge.backends.hf import ensure_hf
+from localforge.backends.mlx.load import model_config
+from localforge.backends.types import (
     Capabilities,
     ChatResult,
     Conversation,
@@ -17,12 +19,12 @@ from localforge.backends.base import (
     Timer,
     truncate_at_stop,
 )
-from localforge.models import ensure_hf, portable_overrides, resolve
+from localforge.models import resolve
 
 
 class MLXBackend(Backend):
     name = "mlx"
-    capabilities = Capabilities(batching=True, lora_adapters=True, lora_training=True)  # see train.py
+    capabilities = Capabilities(batching=True)
 
     def __init__(self, model: str, adapter: str | None = None, **options: Any):
         """``adapter``: a LoRA adapter folder (mlx-lm or PEFT, converted once) to load on the model."""
@@ -31,7 +33,7 @@ class MLXBackend(Backend):
         path = ensure_hf(resolved)
         adapter_path = None
         if adapter:
-            from localforge.finetune.adapters import as_format, fingerprint
+            from localforge.adapters import as_format, fingerprint
 
             adapter_path = str(as_format(adapter, "mlx", base=path))
             self.adapter_key = fingerprint(adapter)
@@ -40,15 +42,12 @@ class MLXBackend(Backend):
 
         self._mx, self._mlx_lm = mx, mlx_lm
         self.model_name = resolved.name
-        # A folder saved by transformers 5 keeps rope_theta only under rope_parameters, where
-        # mlx-lm does not look: hand it over explicitly.
         try:
-            self.model, self.tokenizer = mlx_lm.load(path, adapter_path=adapter_path,
-                                                     model_config=portable_overrides(path))
+            self.model, self.tokenizer = mlx_lm.load(path, adapter_path=adapter_path, model_config=model_config(path))
         except (ValueError, KeyError) as exc:
             if not adapter:
                 raise
-            from localforge.finetune.adapters import misfit
+            from localforge.adapters import misfit
 
             raise misfit(adapter, model, exc) from None
 
@@ -61,7 +60,7 @@ class MLXBackend(Backend):
 
         return make_sampler(temp=params.temperature, top_p=params.top_p if params.top_p < 1 else 0.0)
 
-    def _generate(self, conversations: list[Conversation], params: GenerationParams) -> list[ChatResult]:
+    def generate(self, conversations: list[Conversation], params: GenerationParams) -> list[ChatResult]:
         if params.seed is not None:
             self._mx.random.seed(params.seed)
         prompts = [self.prompt_ids(c) for c in conversations]

@@ -11,8 +11,7 @@ positions are relative, so attention scores need no position restart; models wit
 absolute positions or state-space layers cannot pack here.
 
 Dropout draws from ``mx.random`` (process-wide), reseeded from (seed, step) at the start of every
-step, so a resumed run draws the same masks from the step count alone (``mlx_state.json``; the
-driver's own ``trainer_state.json`` sits beside it).
+step, so a resumed run draws the same masks from the step number the driver hands over.
 """
 
 from __future__ import annotations
@@ -59,13 +58,15 @@ class MLXTrainer:
         from mlx_lm.tuner.utils import linear_to_lora_layers
         from mlx_lm.utils import get_total_parameters, load_model
 
-        from localforge.models import portable_overrides
+        from localforge.backends.hf import load_tokenizer
+        from localforge.backends.mlx.load import model_config
 
         if setup.method not in METHODS or setup.dtype not in DTYPES:
             raise ConfigError(f"mlx trains method {', '.join(METHODS)} in dtype {', '.join(DTYPES)}: "
                               f"got method '{setup.method}', dtype '{setup.dtype}'")
         self.mx, self.nn, self.setup = mx, nn, setup
-        model, _ = load_model(Path(setup.model_path), model_config=portable_overrides(setup.model_path))
+        model, _ = load_model(Path(setup.model_path), model_config=model_config(setup.model_path))
+        self.tokenizer = load_tokenizer(setup.model_path)  # what mlx-lm's loader wraps
         model.set_dtype(getattr(mx, DTYPES[setup.dtype]))
         blocks = len(model.layers)
         self.num_layers = blocks if setup.layers is None else max(1, min(setup.layers, blocks))
@@ -89,7 +90,6 @@ class MLXTrainer:
         # mlx-lm counts the weights of leaf modules (unpacking quantized ones); LoRA's own sit on the wrappers
         self.total_params = int(get_total_parameters(model)) + (self.trainable_params if self.lora_parameters else 0)
         self.optimizer = optim.AdamW(learning_rate=0.0, weight_decay=setup.weight_decay)
-        self.steps = 0
         self._grad = nn.value_and_grad(model, self._loss)
 
     def _trainable(self) -> list[tuple[str, Any]]:
@@ -172,12 +172,12 @@ class MLXTrainer:
         total = self._summed_loss(batch)
         return total / step_tokens, total
 
-    def step(self, micro_batches: list[Batch], lr: float, step_tokens: int) -> float:
+    def step(self, step: int, micro_batches: list[Batch], lr: float, step_tokens: int) -> float:
         mx = self.mx
         from mlx.optimizers import clip_grad_norm
         from mlx.utils import tree_map
 
-        mx.random.seed(self.setup.seed * 1_000_003 + self.steps)  # dropout masks: a function of (seed, step)
+        mx.random.seed(self.setup.seed * 1_000_003 + step)  # dropout masks: a function of (seed, step)
         loss, grads = 0.0, None
         for batch in micro_batches:
             with self._checkpointed():
@@ -190,7 +190,6 @@ class MLXTrainer:
         self.optimizer.learning_rate = lr
         self.optimizer.update(self.model, grads)
         mx.eval(self.model.parameters(), self.optimizer.state)
-        self.steps += 1
         return loss
 
     def eval_loss(self, batches: list[Batch]) -> tuple[float, int]:
@@ -203,7 +202,7 @@ class MLXTrainer:
         finally:
             self.model.train()
 
-    def save_adapter(self, out: Path) -> dict[str, Any]:
+    def export(self, out: Path) -> dict[str, Any]:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         s = self.setup
@@ -216,18 +215,14 @@ class MLXTrainer:
         (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         return {"format": "mlx", "path": str(out), "method": s.method, "trainable_params": self.trainable_params}
 
-    def save_state(self, out: Path) -> None:
+    def save(self, folder: Path) -> None:
         from mlx.utils import tree_flatten
 
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
+        self.export(folder)
         self.optimizer.init(self.model.trainable_parameters())  # no-op once the first step has run
-        self.mx.save_safetensors(str(out / "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
-        state = {"engine": "mlx", "step": self.steps, "seed": self.setup.seed,
-                 "rng": "mx.random is reseeded from (seed, step) at every step"}
-        (out / "mlx_state.json").write_text(json.dumps(state, indent=2) + "\n")
+        self.mx.save_safetensors(str(Path(folder) / "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
 
-    def load_state(self, src: Path) -> None:
+    def load(self, src: Path) -> None:
         from mlx.utils import tree_map_with_path
 
         mx, src = self.mx, Path(src)
@@ -240,8 +235,13 @@ class MLXTrainer:
         saved = mx.load(str(src / "optimizer.safetensors"))
         self.optimizer.init(self.model.trainable_parameters())
         self.optimizer.state = tree_map_with_path(lambda path, _: saved[path], self.optimizer.state)
-        self.steps = json.loads((src / "mlx_state.json").read_text())["step"]
         mx.eval(self.model.parameters(), self.optimizer.state)
+
+    def sync(self, flag: bool) -> bool:
+        return flag  # one process
+
+    def barrier(self) -> None:
+        pass
 
     def close(self) -> None:
         self.model = self.optimizer = self._grad = None

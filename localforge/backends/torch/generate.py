@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from localforge.backends.base import (
-    Backend,
+from localforge.backends.base import Backend
+from localforge.backends.hf import ensure_hf, quiet_transformers
+from localforge.backends.types import (
     BackendUnavailable,
     Capabilities,
     ChatResult,
@@ -16,7 +17,7 @@ from localforge.backends.base import (
 )
 from localforge.errors import MissingDependency
 from localforge.hardware import default_threads
-from localforge.models import ensure_hf, quiet_transformers, resolve
+from localforge.models import resolve
 
 
 def pick_device(requested: str | None = None) -> str:
@@ -70,7 +71,7 @@ class _StopOnStrings:
 
 class TorchBackend(Backend):
     name = "torch"
-    capabilities = Capabilities(batching=True, lora_adapters=True, lora_training=True)  # see train.py
+    capabilities = Capabilities(batching=True)
 
     def __init__(
         self,
@@ -86,7 +87,8 @@ class TorchBackend(Backend):
         resolved = resolve(model)
         path = ensure_hf(resolved)
         if adapter:  # check and convert the adapter before the (slower) model load
-            from localforge.finetune.adapters import as_format, fingerprint, misfit, quiet_peft
+            from localforge.adapters import as_format, fingerprint, misfit
+            from localforge.backends.torch.fuse import quiet_peft
 
             adapter_dir = as_format(adapter, "peft", base=path)
             self.adapter_key = fingerprint(adapter)
@@ -121,7 +123,7 @@ class TorchBackend(Backend):
     def prompt_text(self, conv: Conversation) -> str:
         return self.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
 
-    def _generate(self, conversations: list[Conversation], params: GenerationParams) -> list[ChatResult]:
+    def generate(self, conversations: list[Conversation], params: GenerationParams) -> list[ChatResult]:
         torch = self._torch
         prompts = [self.prompt_text(c) for c in conversations]
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)

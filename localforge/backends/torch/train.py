@@ -6,7 +6,7 @@ several processes, it wraps the model in DDP through ``accelerate.Accelerator`` 
 NCCL on CUDA); alone it runs plain torch. Packed rows go in with ``position_ids`` that restart
 per sequence and no attention mask, from which transformers builds a block-diagonal mask.
 
-Only ``backends.training.get_trainer`` imports this module, so torch loads when torch trains.
+The registry imports this module (the spec's ``trainer``) only when torch trains.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from localforge.backends.hf import load_tokenizer, quiet_transformers
 from localforge.backends.torch.generate import pick_device, pick_dtype
 from localforge.backends.training import IGNORE, PLAIN_HEADS, Batch, TrainSetup
 from localforge.hardware import default_threads
-from localforge.models import quiet_transformers
 
 
 class TorchTrainer:
@@ -46,6 +46,7 @@ class TorchTrainer:
             self.device = torch.device(pick_device())
         self.rank = self.accelerator.process_index if self.accelerator else 0
         _seed_everything(setup.seed)
+        self.tokenizer = load_tokenizer(setup.model_path)
         model = AutoModelForCausalLM.from_pretrained(setup.model_path, dtype=pick_dtype(str(self.device), setup.dtype))
         if setup.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -84,7 +85,7 @@ class TorchTrainer:
         return loss_module(ids, torch.from_numpy(where).to(self.device),
                            torch.from_numpy(flat[where].astype(np.int64)).to(self.device), **kwargs)
 
-    def step(self, micro_batches: list[Batch], lr: float, step_tokens: int) -> float:
+    def step(self, step: int, micro_batches: list[Batch], lr: float, step_tokens: int) -> float:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         # DDP averages gradients over processes: scale up so the result is the global token mean
@@ -119,22 +120,23 @@ class TorchTrainer:
         return float(value)
 
     # -- saving and resuming --------------------------------------------------------------------
-    def save_adapter(self, out: Path) -> dict[str, Any]:
+    def export(self, out: Path) -> dict[str, Any]:
         out = Path(out)
         self.model.save_pretrained(out)  # PEFT records the base folder as base_model_name_or_path
         return {"format": "peft" if self.setup.method != "full" else "hf", "path": str(out),
                 "trainable_params": self.trainable_params}
 
-    def save_state(self, out: Path) -> None:
-        out = Path(out)
-        if self.rank == 0:  # under DDP every process holds the same optimizer state
-            torch.save(self.optimizer.state_dict(), out / "optimizer.pt")
-        torch.save(_rng_state(), out / f"rng-{self.rank}.pt")
+    def save(self, folder: Path) -> None:
+        folder = Path(folder)
+        if self.rank == 0:  # under DDP every process holds the same weights and optimizer state
+            self.export(folder)
+            torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+        torch.save(_rng_state(), folder / f"rng-{self.rank}.pt")
 
-    def load_state(self, src: Path) -> None:
+    def load(self, folder: Path) -> None:
         from safetensors.torch import load_file
 
-        src = Path(src)
+        src = Path(folder)
         if self.setup.method == "full":
             from transformers.modeling_utils import load_sharded_checkpoint
 
@@ -150,8 +152,7 @@ class TorchTrainer:
         rng = src / f"rng-{self.rank}.pt"
         _set_rng_state(torch.load(rng if rng.exists() else src / "rng-0.pt", weights_only=False))
 
-    def agree(self, flag: bool) -> bool:
-        """True on every process when it is True on any (a Ctrl-C seen by one stops all)."""
+    def sync(self, flag: bool) -> bool:
         if not self.accelerator:
             return flag
         return bool(self.accelerator.reduce(torch.tensor([float(flag)], device=self.device), "sum").item())

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from localforge.backends.base import (
-    Backend,
-    ChatResult,
-    GenerationParams,
-    Unsupported,
-    truncate_at_stop,
-)
+from localforge.backends import Backend, ChatResult, GenerationParams, Unsupported
+from localforge.backends.types import truncate_at_stop
 from localforge.errors import LocalforgeError
 
 
@@ -19,7 +14,7 @@ class Echo(Backend):
 
     name = "echo"
 
-    def _generate(self, conversations, params):
+    def generate(self, conversations, params):
         out = []
         for conv in conversations:
             text, _ = truncate_at_stop(conv[-1]["content"][: params.max_tokens], params.stop)
@@ -75,7 +70,7 @@ def test_stop_accepts_a_string_and_truncates_at_the_earliest():
 
 def test_health_reports_instead_of_raising():
     class Broken(Echo):
-        def _generate(self, conversations, params):
+        def generate(self, conversations, params):
             raise RuntimeError("engine exploded\nsecond line")
 
     health = Broken("m").health()

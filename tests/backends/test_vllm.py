@@ -7,6 +7,7 @@ from importlib.util import find_spec
 
 import pytest
 
+from localforge.backends import generate_json, structured_modes
 from tests.helpers import MESSAGES, MODEL
 
 pytestmark = [pytest.mark.cuda, pytest.mark.slow]
@@ -34,5 +35,5 @@ def test_batch_and_usage(vllm_backend):
 
 def test_guided_json(vllm_backend):
     schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
-    assert vllm_backend.structured_modes()[0] == "schema"
-    assert set(vllm_backend.generate_json(MESSAGES, schema)) == {"city"}
+    assert structured_modes(vllm_backend)[0] == "schema"
+    assert set(generate_json(vllm_backend, MESSAGES, schema)) == {"city"}

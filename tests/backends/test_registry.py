@@ -10,9 +10,10 @@ import pytest
 from localforge.backends import (
     REGISTRY,
     BackendUnavailable,
+    EngineSpec,
     availability,
     backend_class,
-    choose_auto,
+    choose,
 )
 from localforge.errors import ConfigError
 from localforge.hardware import examples
@@ -35,12 +36,37 @@ PROFILES = examples()
     ],
 )
 def test_auto_choice(profile, available, servers, formats, expected):
-    assert choose_auto(PROFILES[profile], available, servers, formats) == expected
+    assert choose(PROFILES[profile], available, servers, formats)[0] == expected
+
+
+@pytest.mark.parametrize("profile, available, expected", [
+    ("m3-max-128gb", ALL, "mlx"),
+    ("4x-h100-80gb", ALL, "torch"),  # vLLM generates, it does not train
+    ("cpu-laptop-16gb", ALL, "torch"),
+    ("cpu-laptop-16gb", {"mlx": True, "llamacpp": True}, "mlx"),
+])
+def test_auto_for_training_chooses_among_engines_that_train(profile, available, expected):
+    assert choose(PROFILES[profile], available, ("ollama",), train="lora")[0] == expected
+
+
+def test_auto_with_an_adapter_chooses_among_engines_that_load_one():
+    assert choose(PROFILES["cpu-laptop-16gb"], ALL, ("ollama",), ("gguf",), adapters=True)[0] == "torch"
+    with pytest.raises(BackendUnavailable, match="no installed backend trains 'lora'"):
+        choose(PROFILES["cpu-laptop-16gb"], {"llamacpp": True}, train="lora")
+
+
+def test_every_engine_declares_a_whole_spec():
+    for name, spec in REGISTRY.items():
+        assert spec.name == name and spec.generate.count(":") == 1 and spec.requires and spec.runs_on
+        assert set(spec.devices) <= {"cuda", "metal", "mps", "cpu"} and set(spec.prefers) <= set(spec.devices)
+        assert spec.server == (spec.formats == ("served",))
+        if spec.trains:
+            assert spec.methods and spec.packages and set(spec.runtime_bytes) == set(spec.devices), name
 
 
 def test_auto_with_nothing_installed_says_what_to_install():
     with pytest.raises(BackendUnavailable, match=r"pip install 'localforge\[torch\]'"):
-        choose_auto(PROFILES["cpu-laptop-16gb"], {})
+        choose(PROFILES["cpu-laptop-16gb"], {})
 
 
 def test_unknown_backend_lists_the_choices():
@@ -55,11 +81,10 @@ def test_availability_reads_without_importing():
 
 
 def test_missing_engine_names_the_extra(monkeypatch):
-    from localforge import backends
-
     monkeypatch.setitem(
         REGISTRY, "ghost",
-        backends.BackendSpec("ghost", "x:Y", ("no_such_module_xyz",), "ghost", "nowhere"),
+        EngineSpec(name="ghost", label="Ghost", generate="x:Y", requires=("no_such_module_xyz",), extra="ghost",
+                   runs_on="nowhere"),
     )
     assert availability("ghost") == (
         False, "'no_such_module_xyz' is not installed: pip install 'localforge[ghost]'"

@@ -1,4 +1,5 @@
-"""One training process: ``python -m localforge.finetune.worker RUN_DIR`` (started by accelerate)."""
+"""One training process of several: ``python -m localforge.commands.worker RUN_DIR`` (accelerate
+starts one per process; ``finetune.launch`` builds the command)."""
 
 from __future__ import annotations
 
@@ -6,17 +7,17 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> None:
+    from localforge.commands.finetune import train_with_progress
     from localforge.errors import LocalforgeError
-    from localforge.finetune.run import train
 
     args = list(sys.argv[1:] if argv is None else argv)
     progress = "--no-progress" not in args
     args = [a for a in args if a != "--no-progress"]
     if len(args) != 1:
-        sys.stderr.write("usage: python -m localforge.finetune.worker RUN_DIR [--no-progress]\n")
+        sys.stderr.write("usage: python -m localforge.commands.worker RUN_DIR [--no-progress]\n")
         sys.exit(2)
     try:
-        train(args[0], progress=progress)
+        train_with_progress(args[0], progress=progress)
     except LocalforgeError as exc:
         sys.stderr.write(f"error: {str(exc).splitlines()[0]}\n")
         sys.exit(exc.exit_code)

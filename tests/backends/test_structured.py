@@ -9,11 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from localforge.backends.base import Backend, ChatResult
+from localforge.backends import Backend, ChatResult, describe_schema, generate_json
 from localforge.backends.structured import (
     JSONExtractionError,
     StructuredOutputError,
-    _describe,
     extract_json,
 )
 
@@ -59,7 +58,7 @@ def test_text_without_json_is_a_clean_error(text):
 
 
 def test_schema_description_for_small_models():
-    d = _describe({"type": "object", "required": ["age"], "properties": {
+    d = describe_schema({"type": "object", "required": ["age"], "properties": {
         "age": {"type": "integer", "minimum": 18, "maximum": 99},
         "tags": {"type": "array", "items": {"type": "string"}},
         "kind": {"enum": ["a", "b"]}}})
@@ -76,7 +75,7 @@ class Scripted(Backend):
         super().__init__("m")
         self.answers, self.seen = list(answers), []
 
-    def _generate(self, conversations, params):
+    def generate(self, conversations, params):
         self.seen.append(conversations[0])
         return [ChatResult(self.answers.pop(0), 1, 1, "stop", 0.0, self.name)]
 
@@ -86,7 +85,7 @@ SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1
 
 def test_reasks_with_the_validation_error_then_succeeds():
     be = Scripted(["Sure! {oops", '{"n": 42}', 'Here: ```json\n{"n": 7}\n```'])
-    assert be.generate_json([{"role": "user", "content": "A digit?"}], SCHEMA) == {"n": 7}
+    assert generate_json(be, [{"role": "user", "content": "A digit?"}], SCHEMA) == {"n": 7}
     last = be.seen[-1]
     assert last[-2] == {"role": "assistant", "content": '{"n": 42}'}
     assert "n: 42 is greater than the maximum of 9" in last[-1]["content"]
@@ -95,7 +94,7 @@ def test_reasks_with_the_validation_error_then_succeeds():
 def test_final_failure_carries_every_attempt():
     be = Scripted(["nothing", "[1, 2]", '{"n": 0}'])
     with pytest.raises(StructuredOutputError) as info:
-        be.generate_json([{"role": "user", "content": "A digit?"}], SCHEMA)
+        generate_json(be, [{"role": "user", "content": "A digit?"}], SCHEMA)
     assert [a.text for a in info.value.attempts] == ["nothing", "[1, 2]", '{"n": 0}']
     assert [a.mode for a in info.value.attempts] == ["prompt"] * 3
     assert "no JSON object found" in info.value.attempts[0].error
@@ -108,6 +107,5 @@ class City(BaseModel):
 
 @pytest.mark.slow
 def test_native_schema_on_llamacpp_in_process_returns_a_model(llamacpp_backend):
-    out = llamacpp_backend.generate_json(
-        [{"role": "user", "content": "What is the capital of France?"}], City)
+    out = generate_json(llamacpp_backend, [{"role": "user", "content": "What is the capital of France?"}], City)
     assert isinstance(out, City) and out.city

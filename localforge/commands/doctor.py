@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Annotated, Any
+
+import typer
+
+from localforge.commands.common import out
+
+
+def doctor(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Show this machine's hardware and which backends can run on it."""
+    data = report()
+    if as_json:
+        out(json.dumps(data, indent=2))
+    else:
+        render(data)
 
 
 def report() -> dict[str, Any]:
-    from localforge.backends import REGISTRY, availability, choose_auto
+    """The machine and every registered engine: installed or why not, where it runs, what it trains,
+    and what ``auto`` picks here for generation and for training."""
+    from localforge.backends import REGISTRY, availability, choose
     from localforge.backends.server import answering_local_servers
     from localforge.errors import LocalforgeError
     from localforge.hardware import HardwareProfile, default_threads
@@ -14,15 +32,22 @@ def report() -> dict[str, Any]:
     profile = HardwareProfile.detect()
     servers = answering_local_servers()
     backends = {}
-    for name in REGISTRY:
+    for name, spec in REGISTRY.items():
         ok, reason = availability(name)
-        if ok and REGISTRY[name].server:
+        if ok and spec.server:
             reason = "client installed; a local server answers" if name in servers else reason
-        backends[name] = {"available": ok, "reason": reason, "runs_on": REGISTRY[name].runs_on}
+        backends[name] = {"available": ok, "reason": reason, "runs_on": spec.runs_on, "extra": spec.extra,
+                          "trains": list(spec.methods), "multi_process": spec.multi_process,
+                          "loads_adapters": spec.adapters}
+    available = {n: b["available"] for n, b in backends.items()}
+    recommended = trainer = None
     try:
-        recommended = choose_auto(profile, {n: b["available"] for n, b in backends.items()}, servers)
+        recommended = choose(profile, available, servers)[0]
     except LocalforgeError as exc:
-        recommended = None
+        profile.notes.append(str(exc))
+    try:
+        trainer = choose(profile, available, train="lora")[0]
+    except LocalforgeError as exc:
         profile.notes.append(str(exc))
     data = profile.model_dump()
     accelerators = [
@@ -39,6 +64,7 @@ def report() -> dict[str, Any]:
         "threads": default_threads(),
         "backends": backends,
         "recommended_backend": recommended,
+        "recommended_trainer": trainer,
         "notes": data["notes"],
     }
 
@@ -68,14 +94,14 @@ def render(data: dict[str, Any]) -> None:
     console.print(hw)
 
     be = Table(title="Backends")
-    be.add_column("backend")
-    be.add_column("available")
-    be.add_column("runs on")
-    be.add_column("detail")
+    for column in ("backend", "available", "runs on", "trains", "detail"):
+        be.add_column(column)
     for name, b in data["backends"].items():
         mark = "[green]yes[/]" if b["available"] else "[red]no[/]"
-        be.add_row(name, mark, escape(b["runs_on"]), escape(b["reason"]))
+        trains = ", ".join(b["trains"]) + (" (several processes)" if b["multi_process"] else "") if b["trains"] else "-"
+        be.add_row(name, mark, escape(b["runs_on"]), escape(trains), escape(b["reason"]))
     console.print(be)
     console.print(f"recommended backend: [bold]{data['recommended_backend'] or 'none'}[/]")
+    console.print(f"recommended for training: [bold]{data['recommended_trainer'] or 'none'}[/]")
     for note in data["notes"]:
         console.print(f"[dim]note: {escape(note)}[/]")

@@ -6,8 +6,8 @@ import subprocess
 import sys
 import threading
 
-from localforge.backends.base import Backend, ChatResult, GenerationParams
-from localforge.backends.cache import CallCache, call_key
+from localforge.backends import Backend, ChatResult, GenerationParams
+from localforge.backends.cache import CallCache, call_key, with_cache
 
 MSG = [{"role": "user", "content": "hello"}]
 
@@ -15,11 +15,11 @@ MSG = [{"role": "user", "content": "hello"}]
 class Counting(Backend):
     name = "counting"
 
-    def __init__(self, **kw):
-        super().__init__("m", **kw)
+    def __init__(self):
+        super().__init__("m")
         self.calls = 0
 
-    def _generate(self, conversations, params):
+    def generate(self, conversations, params):
         self.calls += len(conversations)
         return [ChatResult(c[-1]["content"].upper(), 1, 1, "stop", 0.5, self.name) for c in conversations]
 
@@ -34,12 +34,13 @@ def test_key_covers_everything_that_decides_the_answer():
 
 
 def test_hits_skip_the_engine_and_are_marked(tmp_path):
-    be = Counting(cache=tmp_path / "c.sqlite")
+    engine = Counting()
+    be = with_cache(engine, tmp_path / "c.sqlite")
     first = be.chat([MSG, [{"role": "user", "content": "b"}]])
     again = be.chat([[{"role": "user", "content": "c"}], MSG])
     assert [r.text for r in again] == ["C", "HELLO"] and [r.cached for r in again] == [False, True]
-    assert be.calls == 3 and not any(r.cached for r in first)
-    assert Counting(cache=False).cache is None
+    assert engine.calls == 3 and not any(r.cached for r in first)
+    assert with_cache(engine, False) is engine and with_cache(engine, None) is engine
 
 
 def test_concurrent_writers_threads_and_processes(tmp_path):

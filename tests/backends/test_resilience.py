@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from localforge.backends.base import BackendTimeout, BackendUnavailable
+from localforge.backends import BackendTimeout, BackendUnavailable
 from localforge.backends.resilience import CircuitOpen, Endpoint, RetryPolicy, Transient
 
 FAST = RetryPolicy(attempts=5, base_s=0.01, max_s=0.02)

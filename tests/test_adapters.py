@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from localforge.adapters import as_format, convert, detect
+from localforge.backends import fuse
 from localforge.errors import ConfigError
-from localforge.finetune.adapters import as_format, convert, detect, fuse
 from tests.helpers import run_cli
 
 PROMPT = "The quick brown fox jumps over the lazy dog, twice."
@@ -76,10 +77,10 @@ def torch_logits(model_dir, ids, adapter=None) -> np.ndarray:
 
 def mlx_model(model_dir, adapter=None):
     mlx_lm = pytest.importorskip("mlx_lm")
-    from localforge.models import portable_overrides
+    from localforge.backends.mlx.load import model_config
 
     return mlx_lm.load(str(model_dir), adapter_path=str(adapter) if adapter else None,
-                       model_config=portable_overrides(str(model_dir)))[0]
+                       model_config=model_config(str(model_dir)))[0]
 
 
 def mlx_logits(model, ids) -> np.ndarray:
@@ -253,7 +254,7 @@ def test_backend_generates_with_either_format(tiny_llama, peft_adapter, tmp_path
     for adapter in (peft_adapter, mlx_adapter):
         with get_backend("torch", tiny_llama, adapter=str(adapter)) as backend:
             answers.append(backend.chat(messages, max_tokens=6).text)
-            assert backend.adapter_key and backend._probe_key()[-1] == backend.adapter_key
+            assert backend.adapter_key and backend.identity()[-1] == backend.adapter_key
     assert answers[0] == answers[1]
 
 

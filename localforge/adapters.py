@@ -1,4 +1,8 @@
-"""LoRA adapters that move between mlx-lm and PEFT, and fusing an adapter into its base model.
+"""LoRA adapters that move between mlx-lm and PEFT: formats, conversion, fingerprints.
+
+Core, below the backends and the jobs that both use it: it imports numpy alone (safetensors
+files are read and written here byte for byte). Fusing an adapter into its base model needs an
+engine and lives with one (``backends.fuse``).
 
 The two on-disk layouts (``detect`` tells them apart):
 
@@ -20,18 +24,16 @@ inside a block (``self_attn.q_proj``); they are written as PEFT ``target_modules
 (PEFT matches them as name suffixes), and the modules the tensors name are the ground truth in
 both directions. MLX ``num_layers`` means the last N blocks (-1: all); PEFT
 ``layers_to_transform`` lists block indices (null: all). Turning one into the other takes the
-base model's block count, read from its ``config.json``; the base is the adapter's
-``base_model_name_or_path`` (PEFT), ``base_model`` or ``model`` (MLX), or ``base=``.
+base model's block count, read from its ``config.json`` or its GGUF metadata; the base is the
+adapter's ``base_model_name_or_path`` (PEFT), ``base_model`` or ``model`` (MLX), or ``base=``.
 
 Conversion reads and writes safetensors files with numpy alone (bfloat16 is moved as raw 16-bit
 words: a transpose is only a permutation), keeps each tensor's dtype, and refuses what has no
-exact equivalent on the other side rather than guessing. Fusing merges through PEFT's
-``merge_and_unload`` and writes a plain Hugging Face folder that transformers and mlx-lm load.
+exact equivalent on the other side rather than guessing.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -40,14 +42,13 @@ import re
 import shutil
 import struct
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from localforge.errors import ConfigError, LocalforgeError, MissingDependency
+from localforge.errors import ConfigError, LocalforgeError
 
 CONFIG = "adapter_config.json"
 WEIGHTS = {"mlx": "adapters.safetensors", "peft": "adapter_model.safetensors"}
@@ -152,57 +153,6 @@ def misfit(adapter: str | Path, model: str, exc: Exception) -> ConfigError:
                        f"{detail[:300] or type(exc).__name__}")
 
 
-@contextlib.contextmanager
-def quiet_peft():
-    """Hide the deprecation warning PEFT triggers in transformers 5 on every load."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-        yield
-
-
-def fuse(adapter: str | Path, out: str | Path, base: str | None = None) -> Path:
-    """Merge ``adapter`` into its base model; write a plain HF folder (config, safetensors
-    weights in the base's dtype, tokenizer files) at ``out``. Tied embeddings stay tied."""
-    adapter, out = Path(adapter), Path(out)
-    fmt = detect(adapter)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"output folder {out} exists and is not empty: choose a new one")
-    base_dir = _base_folder(base or _base_ref(_read_config(adapter), fmt), adapter)
-    try:
-        import torch
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
-    except ImportError as exc:
-        raise MissingDependency("fusing an adapter", "torch", exc.name) from None
-    from localforge.models import quiet_transformers
-
-    quiet_transformers()
-    with tempfile.TemporaryDirectory() as tmp:
-        peft_dir = adapter if fmt == "peft" else convert(adapter, "peft", Path(tmp) / "peft", str(base_dir))
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-        tied = bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
-        names = _read_safetensors(peft_dir / WEIGHTS["peft"])[0]
-        touched = [n for n in names if tied and re.search(r"(^|\.)(lm_head|embed_tokens)\.", n)]
-        if touched:
-            raise ConfigError(f"{adapter} changes '{touched[0]}', which the base ties to the other "
-                              "embedding matrix: fusing would untie them; load the adapter instead")
-        try:
-            with quiet_peft():
-                merged = PeftModel.from_pretrained(model, str(peft_dir)).merge_and_unload().eval()
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise misfit(adapter, str(base_dir), exc) from None
-    dtype = _base_dtype(base_dir)
-    if dtype != "float32":
-        merged = merged.to(getattr(torch, dtype))
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out)
-    skip = re.compile(r".*\.(safetensors|bin|pt|pth|gguf|h5|msgpack)$|.*\.index\.json$|config\.json$")
-    for f in base_dir.iterdir():
-        if f.is_file() and not skip.fullmatch(f.name) and not (out / f.name).exists():
-            shutil.copy2(f, out / f.name)
-    return out
-
-
 # --- the neutral form ---------------------------------------------------------------------------
 
 
@@ -218,15 +168,14 @@ class _Lora:
     dropout: float
     dora: bool
     blocks: list[int] | None  # the block indices it covers; None: all of them
-    base: str | None  # the base model reference
-    base_dir: Path | None = None  # resolved lazily, only when a block count is needed
+    base: str | None  # the base model reference (read only when its block count is needed)
 
 
 def _read(src: Path, fmt: str, base: str | None) -> _Lora:
     cfg = _read_config(src)
-    lora = (_read_peft if fmt == "peft" else _read_mlx)(src, cfg, base or _base_ref(cfg, fmt))
     if base:
-        lora.base_dir = _base_folder(base, src)
+        _base_blocks(base, src)  # a base given by hand must resolve, whether or not it is needed
+    lora = (_read_peft if fmt == "peft" else _read_mlx)(src, cfg, base or _named_base(cfg, fmt))
     _check(lora)
     return lora
 
@@ -238,7 +187,7 @@ def _read_mlx(src: Path, cfg: dict, base: str | None) -> _Lora:
     params = cfg.get("lora_parameters") or {}
     if not all(isinstance(v, int | float) for v in (params.get("rank"), params.get("scale"), cfg.get("num_layers"))):
         raise ConfigError(f"{src / CONFIG}: expected num_layers and lora_parameters with rank and scale")
-    modules = _group(src, _read_safetensors(src / WEIGHTS["mlx"])[0], MLX_LEAVES, "", transpose=True)
+    modules = _group(src, read_safetensors(src / WEIGHTS["mlx"])[0], MLX_LEAVES, "", transpose=True)
     n = int(cfg["num_layers"])
     blocks = None if n < 0 else _last_blocks(n, src, modules, base)
     return _Lora(src, modules, int(params["rank"]), float(params["scale"]),
@@ -257,7 +206,7 @@ def _read_peft(src: Path, cfg: dict, base: str | None) -> _Lora:
         raise ConfigError(f"{src / CONFIG}: expected an integer 'r' and a number 'lora_alpha'")
     r, alpha = cfg["r"], float(cfg["lora_alpha"])
     scale = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
-    modules = _group(src, _read_safetensors(src / WEIGHTS["peft"])[0], PEFT_LEAVES, PEFT_PREFIX, transpose=False)
+    modules = _group(src, read_safetensors(src / WEIGHTS["peft"])[0], PEFT_LEAVES, PEFT_PREFIX, transpose=False)
     layers = cfg.get("layers_to_transform")
     blocks = None if layers is None else sorted({layers} if isinstance(layers, int) else set(layers))
     return _Lora(src, modules, r, scale, float(cfg.get("lora_dropout") or 0.0), bool(cfg.get("use_dora")),
@@ -316,7 +265,7 @@ def _last_blocks(n: int, src: Path, modules: dict, base: str | None) -> list[int
     present = {int(m["index"]) for m in map(BLOCK.match, modules) if m}
     if present and min(present) == 0 and max(present) < n:  # reaches block 0: it covers all
         return None
-    total = _block_count(_base_folder(base, src))
+    total = _base_blocks(base, src)
     return None if n >= total else list(range(total - n, total))
 
 
@@ -351,7 +300,7 @@ def _write_mlx(lora: _Lora, out: Path) -> None:
     if lora.blocks is None:
         num_layers = -1
     else:
-        total = _block_count(lora.base_dir or _base_folder(lora.base, lora.source))
+        total = _base_blocks(lora.base, lora.source)
         n = len(lora.blocks)
         if lora.blocks != list(range(total - n, total)):
             raise ConfigError(f"{lora.source}: layers_to_transform {lora.blocks} is not the last blocks of "
@@ -370,40 +319,44 @@ def _write_mlx(lora: _Lora, out: Path) -> None:
 # --- base models --------------------------------------------------------------------------------
 
 
-def _base_ref(cfg: dict, fmt: str) -> str | None:
+def base_ref(adapter: str | Path) -> str | None:
+    """The base model the adapter config names (PEFT ``base_model_name_or_path``, mlx-lm
+    ``base_model`` or ``model``), or None."""
+    return _named_base(_read_config(Path(adapter)), detect(adapter))
+
+
+def _named_base(cfg: dict, fmt: str) -> str | None:
     if fmt == "peft":
         return cfg.get("base_model_name_or_path")
     return cfg.get("base_model") or cfg.get("model")
 
 
-def _base_folder(ref: str | Path | None, adapter: Path) -> Path:
-    """The base model's HF folder; the error says to pass --base when it cannot be found."""
+def resolve_base(adapter: str | Path, ref: str | Path | None):
+    """The base model ``ref`` resolved (``models.ResolvedModel``); one-line errors that say to pass
+    --base when the adapter names none or the one it names cannot be found."""
     if not ref:
         raise ConfigError(f"{adapter}: the adapter config names no base model, and it is needed here: "
                           "pass --base MODEL")
-    if (Path(ref) / "config.json").is_file():
-        return Path(ref)
-    from localforge.models import ensure_hf, resolve
+    from localforge.models import resolve
 
     try:
-        return Path(ensure_hf(resolve(str(ref))))
+        return resolve(str(ref))
     except LocalforgeError as exc:
-        raise ConfigError(f"base model '{ref}' of {adapter}: {exc} (or pass --base MODEL)") from None
+        raise base_error(adapter, ref, exc) from None
 
 
-def _block_count(base_dir: Path) -> int:
-    cfg = json.loads((base_dir / "config.json").read_text())
-    for c in (cfg, cfg.get("text_config") or {}):
-        for key in ("num_hidden_layers", "n_layer", "num_layers"):
-            if isinstance(c.get(key), int):
-                return c[key]
-    raise ConfigError(f"{base_dir / 'config.json'} has no num_hidden_layers: cannot tell how many blocks the base has")
+def base_error(adapter: str | Path, ref: str | Path, exc: Exception) -> ConfigError:
+    return ConfigError(f"base model '{ref}' of {adapter}: {exc} (or pass --base MODEL)")
 
 
-def _base_dtype(base_dir: Path) -> str:
-    cfg = json.loads((base_dir / "config.json").read_text())
-    dtype = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype")
-    return dtype if dtype in ("float16", "bfloat16") else "float32"
+def _base_blocks(ref: str | Path | None, adapter: Path) -> int:
+    from localforge.models import block_count
+
+    resolved = resolve_base(adapter, ref)
+    try:
+        return block_count(resolved)
+    except LocalforgeError as exc:
+        raise base_error(adapter, ref, exc) from None
 
 
 # --- files --------------------------------------------------------------------------------------
@@ -430,7 +383,7 @@ def _read_config(folder: Path) -> dict:
 _NUMPY = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, tuple[str, np.ndarray]], dict]:
+def read_safetensors(path: Path) -> tuple[dict[str, tuple[str, np.ndarray]], dict]:
     """The tensors of a safetensors file as {name: (dtype, array)}, and its metadata."""
     data = path.read_bytes()
     try:

@@ -13,7 +13,7 @@ import json
 import ollama
 import pytest
 
-from localforge.backends import BackendError, get_backend
+from localforge.backends import BackendError, generate_json, get_backend, structured_modes
 from tests.helpers import MESSAGES, run_cli
 from tests.servers import ALIAS
 
@@ -38,8 +38,8 @@ def test_ollama_host_is_honoured(ollama_url, monkeypatch):
 def test_format_schema_gives_valid_json(ollama_url):
     schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
     with get_backend("ollama", ALIAS, base_url=ollama_url) as be:
-        assert be.structured_modes()[0] == "schema"
-        assert set(be.generate_json(MESSAGES, schema)) == {"city"}
+        assert structured_modes(be)[0] == "schema"
+        assert set(generate_json(be, MESSAGES, schema)) == {"city"}
 
 
 def test_model_not_pulled_says_ollama_pull(ollama_url):

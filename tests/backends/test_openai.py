@@ -8,7 +8,15 @@ import time
 
 import pytest
 
-from localforge.backends import BackendError, BackendTimeout, BackendUnavailable, get_backend
+from localforge.backends import (
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    forget_probes,
+    generate_json,
+    get_backend,
+    structured_modes,
+)
 from localforge.backends.cache import CallCache
 from localforge.backends.resilience import CircuitOpen, Endpoint
 from localforge.backends.structured import StructuredOutputError
@@ -60,15 +68,15 @@ def test_json_schema_with_ranges_the_server_does_not_enforce(llama_server):
     """llama.cpp's server rejects response_format json_schema (HTTP 500) and ignores integer
     ranges: the ladder falls to json_object+schema, and validation catches the range."""
     with get_backend("openai", ALIAS, base_url=llama_server.url) as be:
-        be.forget_probes()  # other tests may have probed this server already
-        assert be.structured_modes() == ["schema", "json", "prompt"]
+        forget_probes(be)  # other tests may have probed this server already
+        assert structured_modes(be) == ["schema", "json", "prompt"]
         try:
-            obj = be.generate_json([{"role": "user", "content": "Invent a person."}], PERSON, attempts=4)
+            obj = generate_json(be, [{"role": "user", "content": "Invent a person."}], PERSON, attempts=4)
             assert 18 <= obj["age"] <= 99
         except StructuredOutputError as exc:  # a 135M model may never get the range right
             assert all(a.mode == "json" for a in exc.attempts)
             assert any("age" in a.error for a in exc.attempts)
-        assert be.structured_modes() == ["json", "prompt"]  # the probe is remembered
+        assert structured_modes(be) == ["json", "prompt"]  # the probe is remembered
 
 
 def test_json_schema_cli(llama_server, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from localforge.backends.training import TrainSetup
 from localforge.finetune.batches import as_rows, collate, encode_all, pack
 from localforge.finetune.data import parse_row
-from tests.finetune.conftest import TRAIN_ROWS
+from tests.helpers import TRAIN_ROWS
 
 pytest.importorskip("peft")
 
@@ -52,7 +52,7 @@ def test_learns_and_only_the_adapter_moves(tiny_llama, seqs):
     t = trainer(tiny_llama, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     base = {n: p.detach().clone() for n, p in t.model.named_parameters() if not p.requires_grad}
     batch = collate([[s] for s in enc[:4]], tok.pad_token_id)
-    losses = [t.step([batch], 1e-2, batch.tokens) / batch.tokens for _ in range(15)]
+    losses = [t.step(i, [batch], 1e-2, batch.tokens) / batch.tokens for i in range(15)]
     # from a random start (10.8 nats, uniform over 49k tokens) a rank-4 adapter gains ~0.7 nats here
     assert losses[-1] < losses[0] - 0.4, losses
     assert all((p == base[n]).all() for n, p in t.model.named_parameters() if not p.requires_grad)
@@ -64,7 +64,7 @@ def test_accumulation_equals_one_big_batch(tiny_llama, seqs):
     rows = [[s] for s in enc[:4]]
     whole = collate(rows, tok.pad_token_id)
     halves = [collate(rows[:2], tok.pad_token_id), collate(rows[2:], tok.pad_token_id)]
-    assert a.step([whole], 1e-3, whole.tokens) == pytest.approx(b.step(halves, 1e-3, whole.tokens), rel=1e-5)
+    assert a.step(0, [whole], 1e-3, whole.tokens) == pytest.approx(b.step(0, halves, 1e-3, whole.tokens), rel=1e-5)
     for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters(), strict=True):
         assert (p - q).abs().max() < 1e-6, n
 
@@ -74,14 +74,13 @@ def test_resume_from_saved_state_continues_exactly(tiny_llama, seqs, tmp_path):
     rows = as_rows(enc, packing=False, max_len=128, seed=0)
     batches = [collate(rows[i:i + 4], tok.pad_token_id) for i in range(0, 16, 4)]
 
-    def run(t, bs):
-        return [t.step([b], 5e-3, b.tokens) for b in bs]
+    def run(t, steps):
+        return [t.step(s, [batches[s]], 5e-3, batches[s].tokens) for s in steps]
 
-    straight = run(trainer(tiny_llama, dropout=0.1), batches)
+    straight = run(trainer(tiny_llama, dropout=0.1), range(4))
     first = trainer(tiny_llama, dropout=0.1)
-    run(first, batches[:2])
-    first.save_adapter(tmp_path)
-    first.save_state(tmp_path)
+    run(first, range(2))
+    first.save(tmp_path)
     second = trainer(tiny_llama, dropout=0.1, seed=123)  # a different seed: state must come from disk
-    second.load_state(tmp_path)
-    assert run(second, batches[2:]) == pytest.approx(straight[2:], rel=1e-6)
+    second.load(tmp_path)
+    assert run(second, range(2, 4)) == pytest.approx(straight[2:], rel=1e-6)

@@ -14,7 +14,7 @@ from localforge.backends.training import Batch, TrainSetup  # noqa: E402
 from localforge.errors import ConfigError  # noqa: E402
 from localforge.finetune.batches import Schedule, as_rows, collate, encode_all  # noqa: E402
 from localforge.finetune.data import parse_row  # noqa: E402
-from tests.finetune.conftest import TRAIN_ROWS  # noqa: E402
+from tests.helpers import TRAIN_ROWS  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_loss_goes_down_and_only_the_adapter_changes(tiny_llama, data):
     before, adapter = params(t), set(params(t, trainable=True))
     assert adapter and all(k.rsplit(".", 1)[-1] in ("lora_a", "lora_b") for k in adapter)
     assert t.trainable_params == sum(params(t, trainable=True)[k].size for k in adapter) < t.total_params
-    losses = [t.step([batch], 1e-2, batch.tokens) / batch.tokens for _ in range(10)]
+    losses = [t.step(i, [batch], 1e-2, batch.tokens) / batch.tokens for i in range(10)]
     # a random model with frozen tiny embeddings cannot go far below ln(vocab) ~ 10.8: 0.3 nats is clear progress
     assert losses[-1] < losses[0] - 0.3, losses
     after = params(t)
@@ -87,17 +87,16 @@ def test_resume_replays_the_same_steps(tiny_llama, data, tmp_path):
     setup = dict(dropout=0.05, weight_decay=0.01)
 
     def run(t, steps):
-        return [t.step(sched.micro_batches(s), 5e-3, sched.step_tokens(s)) for s in steps]
+        return [t.step(s, sched.micro_batches(s), 5e-3, sched.step_tokens(s)) for s in steps]
 
     a = trainer(tiny_llama, **setup)
     losses_a = run(a, range(4))
     b = trainer(tiny_llama, **setup)
     assert run(b, range(2)) == losses_a[:2]
-    b.save_adapter(tmp_path)
-    b.save_state(tmp_path)
+    b.save(tmp_path)
     b.close()
     c = trainer(tiny_llama, **setup)
-    c.load_state(tmp_path)
+    c.load(tmp_path)
     assert run(c, range(2, 4)) == pytest.approx(losses_a[2:], rel=1e-6)
     pa, pc = params(a, trainable=True), params(c, trainable=True)
     assert all(np.allclose(pa[k], pc[k], rtol=0, atol=1e-7) for k in pa)
@@ -110,7 +109,7 @@ def test_accumulation_equals_one_big_batch(tiny_llama, data):
     tokens = b1.tokens + b2.tokens
     assert both.tokens == tokens
     x, y = trainer(tiny_llama, method="dora"), trainer(tiny_llama, method="dora")
-    assert x.step([b1, b2], 1e-2, tokens) == pytest.approx(y.step([both], 1e-2, tokens), rel=1e-5)
+    assert x.step(0, [b1, b2], 1e-2, tokens) == pytest.approx(y.step(0, [both], 1e-2, tokens), rel=1e-5)
     px, py = params(x, trainable=True), params(y, trainable=True)
     assert all(np.allclose(px[k], py[k], rtol=1e-5, atol=1e-6) for k in px)
 
@@ -120,7 +119,7 @@ def test_gradient_checkpointing_gives_the_same_step(tiny_llama, data):
     batch = collate(as_rows(seqs[15:19], packing=True, max_len=64, seed=0), pad)
     plain, ckpt = trainer(tiny_llama), trainer(tiny_llama, gradient_checkpointing=True)
     call = type(ckpt.model.layers[0]).__call__
-    assert ckpt.step([batch], 1e-2, batch.tokens) == pytest.approx(plain.step([batch], 1e-2, batch.tokens), rel=1e-5)
+    assert ckpt.step(0, [batch], 1e-2, batch.tokens) == pytest.approx(plain.step(0, [batch], 1e-2, batch.tokens), rel=1e-5)
     assert type(ckpt.model.layers[0]).__call__ is call  # the block class is restored after the step
     pp, pc = params(plain, trainable=True), params(ckpt, trainable=True)
     assert all(np.allclose(pp[k], pc[k], rtol=1e-5, atol=1e-6) for k in pp)
@@ -134,21 +133,21 @@ def test_saved_adapter_loads_in_mlx_lm(tiny_llama, data, tmp_path, method):
     import mlx_lm
     from mlx_lm.utils import load_model
 
-    from localforge.models import portable_overrides
+    from localforge.backends.mlx.load import model_config
 
     seqs, pad = data
     batch = collate([[s] for s in seqs[15:18]], pad)
     t = trainer(tiny_llama, method=method, targets=["q_proj", "o_proj", "down_proj"], layers=1)
-    for _ in range(2):
-        t.step([batch], 1e-2, batch.tokens)
-    info = t.save_adapter(tmp_path)
+    for i in range(2):
+        t.step(i, [batch], 1e-2, batch.tokens)
+    info = t.export(tmp_path)
     assert info["format"] == "mlx" and info["trainable_params"] == t.trainable_params
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["fine_tune_type"] == method and config["num_layers"] == 1
-    loaded, _ = mlx_lm.load(tiny_llama, model_config=portable_overrides(tiny_llama), adapter_path=str(tmp_path))
+    loaded, _ = mlx_lm.load(tiny_llama, model_config=model_config(tiny_llama), adapter_path=str(tmp_path))
     ids = mx.array(batch.input_ids)
     t.model.eval()
     expected = np.array(t.model(ids))
     assert np.allclose(np.array(loaded(ids)), expected, rtol=1e-5, atol=1e-5)
-    base, _ = load_model(Path(tiny_llama), model_config=portable_overrides(tiny_llama))
+    base, _ = load_model(Path(tiny_llama), model_config=model_config(tiny_llama))
     assert not np.allclose(np.array(base(ids)), expected, rtol=1e-3, atol=1e-3)  # the adapter is not a no-op

@@ -1,0 +1,41 @@
+"""What an engine says about itself, as plain data: one ``EngineSpec`` per backend name.
+
+Every engine folder or module declares its spec (``SPECS``) next to its code; the registry
+(``registry.py``) reads them, and everything else asks the registry: ``get_backend`` and
+``auto``, the fine-tuning config and planner, ``doctor``, the run manifest. Declaring a spec
+imports nothing, so reading every spec costs no engine import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MiB = 1024**2
+DEVICES = ("cuda", "metal", "mps", "cpu")  # what a HardwareProfile can offer (see hardware.py)
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    name: str  # what --backend takes
+    label: str  # how people write it in a sentence: "MLX", "llama.cpp"
+    generate: str  # "module:Class" of its Backend (generation)
+    requires: tuple[str, ...]  # import names that must be installed for it to run
+    extra: str  # the pip extra that installs them ("" for the core install)
+    runs_on: str  # for people: doctor and the README's table
+    devices: tuple[str, ...] = ("cpu",)  # where it runs, best first (cuda, metal, mps, cpu)
+    formats: tuple[str, ...] = ("hf", "gguf")  # the model files it loads (a GGUF converts to HF)
+    server: bool = False  # talks to a server: ``auto`` takes it only when one answers
+    prefers: tuple[str, ...] = ()  # accelerators on which ``auto`` picks it first
+    rank: int = 50  # order among engines ``auto`` could pick alike (lower first)
+    adapters: bool = False  # generation loads a LoRA adapter (mlx-lm or PEFT folder)
+    fuse: str | None = None  # "module:function" that merges an adapter into its base model
+    # training
+    trainer: str | None = None  # "module:Class" of its Trainer (see training.py); None: it does not train
+    methods: tuple[str, ...] = ()  # what it trains: lora, dora, full
+    multi_process: bool = False  # trains in several processes (accelerate launch)
+    runtime_bytes: dict[str, int] = field(default_factory=dict)  # per device: memory the runtime holds
+    packages: tuple[str, ...] = ()  # distributions whose versions a run manifest records
+
+    @property
+    def trains(self) -> bool:
+        return self.trainer is not None

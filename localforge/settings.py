@@ -1,0 +1,161 @@
+"""Every job's settings the same way: one pydantic model, read from a YAML file, then ``key=value``
+overrides, then command-line flags, validated once, with one-line errors that name the key.
+
+``load_settings(FinetuneConfig, "config.yaml", ["lora.rank=16"])`` is what ``finetune`` does;
+``extract --config`` does the same with ``ExtractSettings``, so a pipeline file can hold every
+job's settings in the shape of the job's own file. A model lists in ``PATHS`` the fields that
+name files: a relative one is read beside the config file when it exists there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from localforge.errors import ConfigError, UsageError
+from localforge.models import DEFAULT_MODEL
+
+M = TypeVar("M", bound=BaseModel)
+
+_KINDS = {"int_parsing": "a whole number", "int_type": "a whole number", "float_parsing": "a number",
+          "float_type": "a number", "bool_parsing": "true or false", "bool_type": "true or false",
+          "string_type": "a string", "list_type": "a list", "dict_type": "a mapping"}
+
+
+_UNION_TAGS = ("int", "bool", "float", "str")
+
+
+def _key(err: dict) -> str:
+    # pydantic adds the union member tried (int, literal['auto'], ...) to the location: drop it
+    return ".".join(str(p) for p in err["loc"]
+                    if str(p) not in _UNION_TAGS and not str(p).startswith(("literal[", "dict[", "list[")))
+
+
+def problem(errors: list[dict]) -> tuple[str, str]:
+    """The first offending key, and what is wrong with it in words (union alternatives merged)."""
+    first = errors[0]
+    key = _key(first)
+    got = first.get("input")
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        return key, "is not known; check its spelling"
+    if first["type"] == "missing":
+        return key, "is required"
+    if first["type"] == "value_error" or not key:
+        return key, msg
+    same = [e for e in errors if _key(e) == key]
+    if len(same) > 1 or first["type"] in _KINDS or first["type"] == "literal_error":
+        wanted = [e["ctx"]["expected"] if e["type"] == "literal_error" else _KINDS.get(e["type"], e["msg"])
+                  for e in same]
+        return key, f"expected {' or '.join(dict.fromkeys(wanted))}, got {got!r}"
+    return key, f"{msg[0].lower() + msg[1:]}, got {got!r}"
+
+
+def describe(errors: list[dict]) -> str:
+    """One line for the first offending config key."""
+    key, what = problem(errors)
+    if not key:
+        return f"config: {what}"
+    joiner = " " if what.startswith(("is not known", "is required")) else ": "
+    return f"config key '{key}'{joiner}{what}"
+
+
+def _parse_value(text: str):
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(data: dict, item: str) -> str:
+    """``lora.rank=16`` sets data["lora"]["rank"] = 16 (values parsed as YAML); returns the key."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{item}': write key=value, e.g. steps=200 or lora.rank=16")
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{item}': '{part}' is not a section")
+    node[parts[-1]] = _parse_value(value)
+    return key.strip()
+
+
+def is_override(arg: str) -> bool:
+    """Whether a command-line argument is a ``key=value`` override (not a file that exists)."""
+    key, sep, _ = arg.partition("=")
+    return bool(sep) and key.replace(".", "").replace("_", "").isalnum() and not Path(arg).exists()
+
+
+def read_yaml(path: str | Path) -> dict:
+    import yaml
+
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such config file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{p}: a folder, not a config file") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{p}: not valid YAML{line}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def load_settings(model: type[M], path: str | Path | None = None, overrides: Sequence[str] = (),
+                  flags: Mapping[str, tuple[str, Any]] | None = None) -> M:
+    """``model`` validated from the YAML file at ``path`` (optional), then ``overrides``
+    (``key=value``), then ``flags`` ({field: (flag, value)}; a value of None is a flag not given)."""
+    data = read_yaml(path) if path is not None else {}
+    for item in overrides:
+        apply_override(data, item)
+    given = {field: (flag, value) for field, (flag, value) in (flags or {}).items() if value is not None}
+    for field, (_, value) in given.items():
+        data[field] = value
+    if path is not None:
+        beside = Path(path).parent
+        for field in getattr(model, "PATHS", ()):
+            value = data.get(field)
+            if isinstance(value, str) and field not in given and not Path(value).expanduser().is_absolute() \
+                    and (beside / value).exists():
+                data[field] = str(beside / value)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        key, what = problem(errors)
+        if key in given:  # a bad flag is a usage error that names the flag
+            raise UsageError(f"{given[key][0]}: {what}") from None
+        keys = list(dict.fromkeys(_key(e) for e in errors))
+        more = f" (and {len(keys) - 1} more key{'s' if len(keys) > 2 else ''})" if len(keys) > 1 else ""
+        prefix = f"{path}: " if path else ""
+        raise ConfigError(prefix + describe(errors) + more) from None
+
+
+class BackendChoice(BaseModel):
+    """The model a job talks to and how: the same keys (and flags) in every job that generates.
+    Server settings left at None take the server's own defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: str = "auto"
+    model: str = DEFAULT_MODEL
+    base_url: str | None = None
+    api_key_env: str | None = None  # the variable holding the API key; never the key itself
+    timeout: float | None = Field(None, gt=0, description="seconds per server call, retries included")
+    concurrency: int = Field(4, ge=1, description="requests a server runs at once")
+
+    def backend_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``backends.get_backend`` besides the name and model."""
+        return {"base_url": self.base_url, "api_key_env": self.api_key_env, "timeout": self.timeout,
+                "concurrency": self.concurrency}

@@ -18,7 +18,6 @@ from localforge.backends.registry import (
     choose,
     installed,
     load,
-    register,
     require,
     spec,
     trainers,
@@ -50,7 +49,7 @@ __all__ = [
     "Conversation", "EngineSpec", "GenerationParams", "InvalidResponse", "RequestTooLarge",
     "StructuredOutputError", "Unsupported", "REGISTRY", "availability", "backend_class", "choose",
     "describe_schema", "ensure_hf", "forget_probes", "fuse", "generate_json", "get_backend", "installed",
-    "load", "register", "require", "resolve_auto", "served_models", "spec", "structured_modes", "trainers",
+    "load", "require", "resolve_auto", "served_models", "spec", "structured_modes", "trainers",
 ]
 
 # what only a server takes; in-process engines run without them

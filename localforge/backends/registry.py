@@ -36,11 +36,6 @@ def _read_specs() -> dict[str, EngineSpec]:
 REGISTRY: dict[str, EngineSpec] = _read_specs()
 
 
-def register(spec: EngineSpec) -> None:
-    """Add (or replace) an engine: a spec is all the registry needs; its classes load when used."""
-    REGISTRY[spec.name] = spec
-
-
 def spec(name: str) -> EngineSpec:
     if name not in REGISTRY:
         raise ConfigError(f"unknown backend '{name}': choose one of {', '.join(['auto', *REGISTRY])}")
@@ -138,7 +133,7 @@ def choose(
                 return name, f"a local {REGISTRY[name].label} server answers"
     for s in engines:
         if "cpu" in s.devices:
-            return s.name, f"{s.label} on the CPU" + (f" ({ACCELERATORS[accel]} has no engine installed)"
+            return s.name, f"{s.label} on the CPU" + (f" (nothing installed runs it on {ACCELERATORS[accel]})"
                                                         if accel else "")
     if train is not None:
         raise BackendUnavailable(f"no installed backend trains '{train}' on this machine: "

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from localforge.backends.types import ROLES
 from localforge.errors import ConfigError
 
 SPLITS = ("train", "valid", "test")
@@ -43,8 +44,7 @@ def parse_row(row: object) -> Example:
         if not isinstance(msgs, list) or not msgs:
             raise ValueError("'messages' must be a non-empty list")
         for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in (
-                    "system", "user", "assistant", "tool"):
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
                 raise ValueError(f"messages[{i}] needs a role (system, user, assistant, tool) and string content")
         if msgs[-1]["role"] != "assistant":
             raise ValueError("the last message must be the assistant's (what the model learns to say)")

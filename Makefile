@@ -37,7 +37,10 @@ demo: $(VENV)/.demo-installed
 	$(BIN)/localforge finetune examples/finetune/config.yaml --backend torch output_dir=demo-out/finetune steps=12
 	$(BIN)/localforge generate "Capital of Iceland?" --model smollm2-135m --adapter demo-out/finetune/adapter --max-tokens 16
 
+# The extraction review page is checked in a real browser (Debian's chromium): install it when missing.
 test: $(VENV)/.dev-installed
+	@command -v chromium >/dev/null 2>&1 || apt-get install -y -qq chromium >/dev/null 2>&1 \
+		|| echo "note: could not install chromium (apt-get install chromium, as root); the review page test will say so"
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.dev-installed

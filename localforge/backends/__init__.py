@@ -47,7 +47,8 @@ from localforge.errors import ConfigError
 __all__ = [
     "Backend", "BackendError", "BackendTimeout", "BackendUnavailable", "Capabilities", "ChatResult",
     "Conversation", "EngineSpec", "GenerationParams", "InvalidResponse", "RequestTooLarge",
-    "StructuredOutputError", "Unsupported", "REGISTRY", "availability", "backend_class", "choose",
+    "StructuredOutputError", "Unsupported", "REGISTRY", "availability", "backend_class", "check_server_options",
+    "choose",
     "describe_schema", "ensure_hf", "forget_probes", "fuse", "generate_json", "get_backend", "installed",
     "load", "require", "resolve_auto", "served_models", "spec", "structured_modes", "trainers",
 ]
@@ -68,16 +69,13 @@ def get_backend(name: str = "auto", model: str | None = None, *, cache: Any = No
 
     model = model or DEFAULT_MODEL
     adapter = options.get("adapter")
-    if name == "auto" and options.get("base_url"):
-        raise ConfigError(f"--base-url needs a server backend: --backend {' or '.join(_servers())}")
+    check_server_options(name, options.get("base_url"))
     if name == "auto":
         name = resolve_auto(model, adapter=bool(adapter))
     s = spec(name)
     if s.server:
         options = {k: v for k, v in options.items() if v is not None or k not in SERVER_OPTIONS}
     else:
-        if options.get("base_url"):
-            raise ConfigError(f"--base-url is for server backends; backend '{name}' runs in-process")
         options = {k: v for k, v in options.items() if k not in SERVER_OPTIONS}
     if adapter and not s.adapters:
         loaders = " or ".join(n for n, x in REGISTRY.items() if x.adapters)
@@ -88,8 +86,15 @@ def get_backend(name: str = "auto", model: str | None = None, *, cache: Any = No
     return with_cache(backend_class(name)(model, **options), cache)
 
 
-def _servers() -> list[str]:
-    return [n for n, s in REGISTRY.items() if s.server]
+def check_server_options(name: str, base_url: str | None) -> None:
+    """A server URL given to ``auto`` or to an in-process backend is a one-line error."""
+    if not base_url:
+        return
+    if name == "auto":
+        servers = [n for n, s in REGISTRY.items() if s.server]
+        raise ConfigError(f"--base-url needs a server backend: --backend {' or '.join(servers)}")
+    if not spec(name).server:
+        raise ConfigError(f"--base-url is for server backends; backend '{name}' runs in-process")
 
 
 def resolve_auto(model: str, adapter: bool = False) -> str:

@@ -58,10 +58,11 @@ class ExtractSettings(BackendChoice):
 
     @model_validator(mode="after")
     def _resolve(self) -> ExtractSettings:
-        from localforge.backends import require
+        from localforge.backends import check_server_options, require
 
         if self.backend != "auto":
             require(self.backend)  # an unknown or missing backend fails before any work
+        check_server_options(self.backend, self.base_url)
         self.record_schema = load_schema(self.record_schema, self.fields)
         self.fields = None
         self.examples = load_examples(self.examples)

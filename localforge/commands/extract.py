@@ -48,7 +48,7 @@ def extract(
     from localforge.extract.pipeline import load_extract_settings
 
     overrides, paths = common.split_args(paths)
-    flags = {"record_schema": ("--schema", schema), "fields": ("--fields", fields), "examples": ("--examples", examples),
+    flags = {"schema": ("--schema", schema), "fields": ("--fields", fields), "examples": ("--examples", examples),
              "route": ("--route", route), "temperature": ("--temperature", temperature), "passes": ("--passes", passes),
              "chunk_size": ("--chunk-size", chunk_size), "overlap": ("--overlap", overlap), "cache": ("--cache", cache),
              **common.backend_flags(backend, model, base_url, api_key_env, timeout, concurrency)}

@@ -214,6 +214,9 @@ def test_settings_from_a_config_file_with_overrides(tmp_path):
     assert settings.examples == [{"text": "a", "records": []}] and settings.chunk_size == 256
     # the records of an earlier version's run are still recognised as done: the digest is unchanged
     assert settings.digest() == "cef2ab636f078344"
+    (tmp_path / "other.json").write_text(json.dumps(parse_fields("title:str")))
+    flagged = load_extract_settings(cfg, [], {"schema": ("--schema", str(tmp_path / "other.json"))})
+    assert flagged.record_schema == parse_fields("title:str")  # the flag wins over the file's schema
     inline = load_extract_settings(None, ["fields=name:str"])
     assert inline.record_schema == parse_fields("name:str") and inline.digest() == "18cb5b4b221060dd"
 

@@ -25,6 +25,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from localforge.errors import ModelNotFound
+from localforge.files import sha256_file
 
 
 @dataclass(frozen=True)
@@ -184,10 +185,30 @@ def _hf_cache_snapshot(repo_id: str) -> Path | None:
 
 def converted_dir(gguf: Path) -> Path:
     """Where the HF folder converted from ``gguf`` lives (it may not exist yet); the conversion
-    itself is ``backends.hf.ensure_hf``."""
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
-    return cache_dir() / "converted" / f"{gguf.stem}-{key}"
+    itself is ``backends.hf.ensure_hf``.
+
+    The folder is keyed by the GGUF's content, so every checkout and venv on a machine that has
+    the same weights shares one converted copy (hashing is remembered per path, size and mtime).
+    """
+    return cache_dir() / "converted" / f"{gguf.stem}-{content_key(gguf)}"
+
+
+def content_key(path: Path) -> str:
+    """The first 12 hex digits of ``path``'s sha256, read once per (path, size, mtime)."""
+    st = path.stat()
+    memo = cache_dir() / "hashes" / hashlib.sha256(
+        f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    try:
+        return memo.read_text().strip()[:12]
+    except OSError:
+        pass
+    key = sha256_file(path)[:12]
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(key)
+    except OSError:  # a read-only cache still works, it only hashes again next time
+        pass
+    return key
 
 
 def portable_config(cfg: dict) -> dict:

@@ -101,3 +101,14 @@ def test_converted_folder_is_complete_and_cached(smol):
         assert (hf / name).is_file(), name
     assert resolve("smollm2-135m").hf_path == str(hf)  # found again without converting
     assert any(r["hf_path"] == str(hf) for r in list_models())
+
+
+def test_converted_folder_follows_the_gguf_content_not_its_path(tmp_path, monkeypatch):
+    """Two checkouts (two venvs) holding the same GGUF share one converted folder; other bytes do not."""
+    monkeypatch.setenv("LOCALFORGE_CACHE", str(tmp_path / "cache"))
+    a, b, c = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf", tmp_path / "c" / "m.gguf"
+    for path, body in ((a, b"GGUF same"), (b, b"GGUF same"), (c, b"GGUF other")):
+        path.parent.mkdir()
+        path.write_bytes(body)
+    assert converted_dir(a) == converted_dir(b) != converted_dir(c)
+    assert converted_dir(a).parent == tmp_path / "cache" / "converted"

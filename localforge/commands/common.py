@@ -22,6 +22,17 @@ def out(text: str) -> None:
     sys.stdout.write(text + "\n")
 
 
+def console(stderr: bool = False):
+    """A rich console for stdout (or stderr). When that stream is not a terminal (a pipe, a file, a
+    CI log) nothing is wrapped or cut: a value never breaks across lines and tables print in full."""
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty():
+        return Console(stderr=stderr)
+    return Console(stderr=stderr, soft_wrap=True, width=100_000)
+
+
 # --- the backend option group -----------------------------------------------------------------
 # One definition for every command that talks to a model. Defaults of None mean "not given": the
 # job's settings (or the server) supply the value, so each default lives in one place.

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from localforge.commands import common
 from localforge.commands.common import out
 
 
@@ -74,11 +75,10 @@ def _gib(n: int) -> str:
 
 
 def render(data: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    console = Console()
+    console = common.console()
     hw = Table(title="Hardware", show_header=False)
     hw.add_row("os / arch", f"{data['os']} / {data['arch']}")
     hw.add_row("chip", data["chip"])

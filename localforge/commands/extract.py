@@ -61,13 +61,12 @@ def extract(
 
 
 def _run(paths: list[Path], output: Path, settings) -> int:
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from localforge.extract.pipeline import run, sidecar
 
-    console = Console(stderr=True)
+    console = common.console(stderr=True)
     records = {"n": 0}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console,

@@ -61,18 +61,16 @@ def resume(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")] = True,
 ) -> None:
     """Continue a stopped run from its newest checkpoint (adapter, optimizer, schedule, data order, RNG)."""
-    from rich.console import Console
 
     from localforge.finetune.run import reopen
 
     run, p = reopen(run_dir, list(ctx.args))
     latest = run.latest()
-    Console(stderr=True).print(f"resuming {run.path} from {latest.name if latest else 'the start'}")
+    common.console(stderr=True).print(f"resuming {run.path} from {latest.name if latest else 'the start'}")
     _train(run.path, p.processes, None, progress)
 
 
 def _plan_table(cfg, shape_params: int, p, data, stderr: bool = False) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     t = Table(title=f"fine-tuning plan: {cfg.model} ({shape_params / 1e6:.0f}M parameters), {cfg.method}",
@@ -82,7 +80,7 @@ def _plan_table(cfg, shape_params: int, p, data, stderr: bool = False) -> None:
         t.add_row(key, str(getattr(p, key)))
     t.add_row("predicted peak", f"{p.predicted_peak_bytes / 1024**3:.2f} GiB of a {p.memory_budget_bytes / 1024**3:.1f} GiB budget")
     t.add_row("data", ", ".join(f"{s}: {len(rows)} rows ({'/'.join(data.formats[s])})" for s, rows in data.splits.items()))
-    console = Console(stderr=stderr)
+    console = common.console(stderr=stderr)
     console.print(t)
     for reason in p.reasons:
         console.print(f"[dim]- {reason}[/]")
@@ -104,7 +102,6 @@ def _train(run_dir: Path, processes: int, launch, progress: bool) -> None:
 
 def train_with_progress(run_dir: Path | str, progress: bool = True) -> dict:
     """``finetune.run.train`` with a rich progress bar drawn from its events (on the main process)."""
-    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -118,7 +115,7 @@ def train_with_progress(run_dir: Path | str, progress: bool = True) -> dict:
     bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
                    TextColumn("eval {task.fields[eval]}"), TimeRemainingColumn(), disable=not progress,
-                   console=Console(stderr=True), transient=False)
+                   console=common.console(stderr=True), transient=False)
     task = None
 
     def on_event(kind: str, **data) -> None:
@@ -135,14 +132,13 @@ def train_with_progress(run_dir: Path | str, progress: bool = True) -> dict:
 
 
 def _summary(manifest: dict) -> None:
-    from rich.console import Console
 
     m = manifest["metrics"]
     parts = [f"{m.get('steps', 0)} steps", f"train loss {m['final_train_loss']:.4f}" if "final_train_loss" in m else "",
              f"eval loss {m['final_eval_loss']:.4f}" if "final_eval_loss" in m else "",
              f"{m['tokens_per_second']:.0f} tok/s" if m.get("tokens_per_second") else "",
              f"peak RSS {m['peak_rss_bytes'] / 1024**3:.2f} GiB"]
-    console = Console(stderr=True)
+    console = common.console(stderr=True)
     console.print("done: " + ", ".join(p for p in parts if p))
     if manifest.get("adapter"):
         console.print(f"adapter ({manifest['adapter']['format']}): {manifest['adapter']['path']}")

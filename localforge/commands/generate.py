@@ -33,7 +33,6 @@ def generate(
     adapter: Annotated[Path | None, typer.Option("--adapter", help="A LoRA adapter folder (mlx-lm or PEFT) to load on the model.")] = None,
 ) -> None:
     """Answer one prompt with a local model (or a server) and print the answer."""
-    from rich.console import Console
 
     from localforge.backends import GenerationParams, generate_json, get_backend
     from localforge.jsonfiles import check_json_schema, read_json
@@ -51,7 +50,7 @@ def generate(
     backend, model = backend or "auto", model or DEFAULT_MODEL
     # A spinner on a terminal while the model loads (the first use of a GGUF on torch or mlx
     # converts it once, about 20 s for SmolLM2-135M); nothing when stderr is not a terminal.
-    with Console(stderr=True).status(f"loading {model} ({backend}) ...", spinner="dots"):
+    with common.console(stderr=True).status(f"loading {model} ({backend}) ...", spinner="dots"):
         be = get_backend(backend, model, cache=cache or None, base_url=base_url, api_key_env=api_key_env,
                          timeout=timeout, concurrency=concurrency, **({"adapter": str(adapter)} if adapter else {}))
     with be:

@@ -35,14 +35,13 @@ def models_list(
     if as_json:
         out(json.dumps(rows, indent=2))
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table("name", "kind", "installed", "files", "description")
     for r in rows:
         files = "\n".join(p for p in (r["gguf_path"], r["hf_path"]) if p)
         table.add_row(r["name"], r["kind"], "yes" if r["installed"] else "no", files, r["description"])
-    Console().print(table)
+    common.console().print(table)
 
 
 @app.command("show")

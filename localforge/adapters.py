@@ -48,7 +48,8 @@ from typing import Any
 
 import numpy as np
 
-from localforge.errors import ConfigError, LocalforgeError
+from localforge.errors import ConfigError, CorruptFile, LocalforgeError
+from localforge.files import check_safetensors
 
 CONFIG = "adapter_config.json"
 WEIGHTS = {"mlx": "adapters.safetensors", "peft": "adapter_model.safetensors"}
@@ -87,6 +88,7 @@ def detect(path: str | Path) -> str:
         hint = (" (adapter_model.bin is not supported: save with safe_serialization=True)"
                 if fmt == "peft" and (folder / "adapter_model.bin").is_file() else "")
         raise ConfigError(f"{folder} is a {_label(fmt)} adapter config without {WEIGHTS[fmt]}{hint}")
+    check_safetensors(folder / WEIGHTS[fmt])
     return fmt
 
 
@@ -373,9 +375,9 @@ def _read_config(folder: Path) -> dict:
     try:
         cfg = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path} is not valid JSON: {str(exc).splitlines()[0]}") from None
+        raise CorruptFile(path, f"not JSON: {str(exc).splitlines()[0]}") from None
     if not isinstance(cfg, dict):
-        raise ConfigError(f"{path} is not a JSON object: expected {EXPECTED}")
+        raise CorruptFile(path, "not a JSON object", f"expected {EXPECTED}")
     return cfg
 
 
@@ -399,7 +401,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, tuple[str, np.ndarray]], dic
             arr = np.frombuffer(data[8 + n + start: 8 + n + end], dtype=_NUMPY[info["dtype"]])
             tensors[name] = (info["dtype"], arr.reshape(info["shape"]))
     except (struct.error, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+        raise CorruptFile(path, f"not a safetensors file: {type(exc).__name__}: {exc}") from None
     return tensors, meta
 
 

@@ -24,6 +24,16 @@ class UsageError(ConfigError):
     exit_code = 2
 
 
+class CorruptFile(LocalforgeError):
+    """A file that exists but cannot be read as what it should be (random bytes, empty, truncated)."""
+
+    def __init__(self, path, detail: str = "", what: str = ""):
+        self.path = str(path)
+        hint = f" ({detail})" if detail else ""
+        todo = f": {what}" if what else ": replace it with a good copy"
+        super().__init__(f"corrupt or unreadable: {path}{hint}{todo}")
+
+
 class ModelNotFound(LocalforgeError):
     """A model reference that does not resolve to local files."""
 

@@ -1,9 +1,13 @@
-"""Small file helpers shared by the jobs: content hashes and atomic writes."""
+"""Small file helpers shared by every layer: content hashes, atomic writes, header checks."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import struct
 from pathlib import Path
+
+from localforge.errors import CorruptFile
 
 
 def sha256_file(path: str | Path) -> str:
@@ -19,3 +23,22 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+
+
+def check_safetensors(path: Path) -> None:
+    """Raise ``CorruptFile`` unless ``path`` has a safetensors header whose tensors fit the file."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("empty file" if not head else "shorter than a header")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size, 100 << 20):
+                raise ValueError("not a safetensors header")
+            header = json.loads(f.read(n))
+        ends = [info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"]
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, OSError) as exc:
+        raise CorruptFile(path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+    if 8 + n + max(ends, default=0) > size:
+        raise CorruptFile(path, "truncated: the tensors run past the end of the file")

@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, replace
 from importlib.util import find_spec
 from pathlib import Path
 
-from localforge.errors import ModelNotFound
-from localforge.files import sha256_file
+from localforge.errors import CorruptFile, ModelNotFound
+from localforge.files import check_safetensors, sha256_file
 
 
 @dataclass(frozen=True)
@@ -90,14 +90,18 @@ def resolve(ref: str, *, allow_served: bool = False) -> ResolvedModel:
 
     path = Path(ref).expanduser()
     if path.exists():
-        return _resolve_path(ref, path)
+        model = _resolve_path(ref, path)
+        check_files(model)
+        return model
     if ref.endswith(".gguf") or ref.startswith((".", os.sep, "~")):
         raise ModelNotFound(f"model file or folder '{ref}' does not exist: check the path")
 
     if _looks_like_repo_id(ref):
         cached = _hf_cache_snapshot(ref)
         if cached is not None:  # a HF folder, or a GGUF repo: resolve it like a local folder
-            return replace(_resolve_path(ref, cached), kind="hf_cache", name=ref)
+            model = replace(_resolve_path(ref, cached), kind="hf_cache", name=ref)
+            check_files(model)
+            return model
         if allow_served:
             return ResolvedModel(ref, "served", ref, served_name=ref)
         raise ModelNotFound(
@@ -247,18 +251,38 @@ def block_count(model: ResolvedModel) -> int:
 
 # GGUF metadata value types: struct formats of the fixed-size ones; 8 is a string, 9 an array
 _GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+# ggml tensor types: (elements per block, bytes per block), for the types whose size is fixed
+_GGML_BLOCKS = {0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
+                9: (32, 36), 10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210),
+                15: (256, 292), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8), 30: (1, 2)}
+_MAX_COUNT = 1 << 24  # more tensors, keys or array items than this means the header is garbage
 
 
-def _gguf_value(path: Path, key_suffix: str):
-    """The first metadata value whose key ends with ``key_suffix``, read from a GGUF header
-    without loading the tensors (None when there is none)."""
+def _gguf_header(path: Path, wanted: str | None = None) -> tuple[dict, int | None]:
+    """Read a GGUF header without loading tensors: ({key: value} for keys ending with ``wanted``
+    (all scalar and string keys when ``wanted`` is None), the byte where the last tensor ends).
+
+    Raises ``CorruptFile`` for anything that is not a whole GGUF file."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
         def read(fmt: str):
-            size = struct.calcsize("<" + fmt)
-            return struct.unpack("<" + fmt, f.read(size))[0]
+            n = struct.calcsize("<" + fmt)
+            raw = f.read(n)
+            if len(raw) < n:
+                raise ValueError("the file ends inside its header (truncated)")
+            return struct.unpack("<" + fmt, raw)[0]
+
+        def count() -> int:
+            n = read("Q")
+            if n > _MAX_COUNT:
+                raise ValueError(f"a count of {n} in the header")
+            return n
 
         def string() -> str:
-            return f.read(read("Q")).decode("utf-8", errors="replace")
+            n = read("Q")
+            if n > size:
+                raise ValueError("a string longer than the file")
+            return f.read(n).decode("utf-8", errors="replace")
 
         def value(kind: int):
             if kind in _GGUF_SCALARS:
@@ -266,27 +290,79 @@ def _gguf_value(path: Path, key_suffix: str):
             if kind == 8:
                 return string()
             if kind == 9:
-                inner, n = read("I"), read("Q")
+                inner, n = read("I"), count()
                 if inner in _GGUF_SCALARS:  # skip the array without decoding it
                     f.seek(n * struct.calcsize("<" + _GGUF_SCALARS[inner]), 1)
                 else:
                     for _ in range(n):
                         value(inner)
                 return None
-            raise ValueError(f"unknown GGUF value type {kind}")
+            raise ValueError(f"unknown metadata value type {kind}")
 
         try:
             if f.read(4) != b"GGUF":
-                return None
-            read("I")  # version
-            read("Q")  # tensor count
-            for _ in range(read("Q")):
-                key, found = string(), value(read("I"))
-                if key.endswith(key_suffix):
-                    return found
-        except (struct.error, ValueError):
-            return None
-    return None
+                raise ValueError("no GGUF magic at the start" if size else "empty file")
+            if read("I") not in (2, 3):
+                raise ValueError("an unknown GGUF version")
+            n_tensors, n_keys = count(), count()
+            found, alignment = {}, 32
+            for _ in range(n_keys):
+                key, got = string(), value(read("I"))
+                if key == "general.alignment" and isinstance(got, int) and got > 0:
+                    alignment = got
+                if got is not None and (wanted is None or key.endswith(wanted)):
+                    found[key] = got
+            end = 0
+            for _ in range(n_tensors):
+                string()
+                dims = [read("Q") for _ in range(read("I"))]
+                kind, offset = read("I"), read("Q")
+                elements = 1
+                for d in dims:
+                    elements *= d
+                block = _GGML_BLOCKS.get(kind)
+                if block is None:  # a type whose size is not in the table: the end is not known
+                    end = None
+                elif end is not None:
+                    end = max(end, offset + elements // block[0] * block[1])
+        except (ValueError, struct.error, OSError) as exc:
+            raise CorruptFile(path, str(exc), "not a GGUF model file; download or copy it again") from None
+        if end is not None and n_tensors:
+            data_start = -(-f.tell() // alignment) * alignment
+            if data_start + end > size:
+                raise CorruptFile(path, f"{size} bytes, the tensors need {data_start + end} (truncated)",
+                                  "download or copy it again")
+            end += data_start
+    return found, end
+
+
+def _gguf_value(path: Path, key_suffix: str):
+    """The first metadata value whose key ends with ``key_suffix`` (None when there is none)."""
+    found, _ = _gguf_header(path, key_suffix)
+    return next(iter(found.values()), None)
+
+
+def check_files(model: ResolvedModel) -> None:
+    """Raise ``CorruptFile`` naming the file when the model's GGUF or HF folder cannot be what it
+    claims to be: no GGUF magic, a truncated file, a config.json without a model type, weights
+    whose safetensors header does not fit the file. Reads headers only."""
+    if model.gguf_path:
+        _gguf_header(Path(model.gguf_path), "general.architecture")
+    if model.hf_path and is_hf_folder(Path(model.hf_path)):
+        folder = Path(model.hf_path)
+        cfg_path = folder / "config.json"
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CorruptFile(cfg_path, f"not JSON: {str(exc).splitlines()[0]}") from None
+        if not isinstance(cfg, dict) or not cfg.get("model_type"):
+            raise CorruptFile(cfg_path, "no model_type", "a model's config.json names its model_type")
+        weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+        if not weights:
+            raise CorruptFile(folder, "no weights (*.safetensors)", "copy the whole model folder")
+        for w in weights:
+            if w.suffix == ".safetensors":
+                check_safetensors(w)
 
 
 def list_models() -> list[dict]:

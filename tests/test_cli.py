@@ -44,7 +44,7 @@ def test_models_list_and_show():
 @pytest.mark.parametrize(
     "args, code, message",
     [
-        (("generate", "hi", "--backend", "nope"), 1, "error: unknown backend 'nope': choose one of"),
+        (("generate", "hi", "--backend", "nope"), 2, "error: Invalid value for '--backend' / '-b': unknown backend 'nope'"),
         (("generate", "hi", "--model", "no/such-model"), 1, "error: 'no/such-model' is not in the local Hugging Face cache"),
         (("generate", "hi", "--model", "./nothing.gguf"), 1, "error: model file or folder './nothing.gguf' does not exist"),
         (("generate", "hi", "--max-tokens", "0"), 2, "error: Invalid value for '--max-tokens'"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 import time
 from pathlib import Path
 
@@ -24,8 +25,14 @@ def test_gguf_file_and_folder_of_one_gguf(tmp_path):
     assert resolve(str(gguf.parent)).gguf_path == str(gguf)
 
 
+def _model_folder(path: Path) -> None:
+    """The smallest folder that passes the header checks: a config with a model type, empty weights."""
+    (path / "config.json").write_text('{"model_type": "llama"}')
+    (path / "model.safetensors").write_bytes(struct.pack("<Q", 2) + b"{}")
+
+
 def test_hf_folder(tmp_path):
-    (tmp_path / "config.json").write_text("{}")
+    _model_folder(tmp_path)
     m = resolve(str(tmp_path))
     assert (m.kind, m.hf_path, m.gguf_path) == ("hf_folder", str(tmp_path), None)
 
@@ -33,7 +40,7 @@ def test_hf_folder(tmp_path):
 def test_cached_hub_repo_resolves_offline(tmp_path, monkeypatch):
     snap = tmp_path / "models--acme--tiny" / "snapshots" / "abc123"
     snap.mkdir(parents=True)
-    (snap / "config.json").write_text("{}")
+    _model_folder(snap)
     (tmp_path / "models--acme--tiny" / "refs").mkdir()
     (tmp_path / "models--acme--tiny" / "refs" / "main").write_text("abc123")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
@@ -44,7 +51,7 @@ def test_cached_hub_repo_resolves_offline(tmp_path, monkeypatch):
 def test_cached_gguf_repo_resolves_to_its_file(tmp_path, monkeypatch):
     snap = tmp_path / "models--acme--tiny-GGUF" / "snapshots" / "def456"
     snap.mkdir(parents=True)
-    (snap / "tiny.Q4_K_M.gguf").write_bytes(b"GGUF")
+    (snap / "tiny.Q4_K_M.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 0))  # a whole, empty GGUF
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     m = resolve("acme/tiny-GGUF")
     assert (m.kind, m.gguf_path, m.hf_path) == ("hf_cache", str(snap / "tiny.Q4_K_M.gguf"), None)

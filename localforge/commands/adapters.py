@@ -14,10 +14,18 @@ app = typer.Typer(help="Convert LoRA adapters between mlx-lm and PEFT; fuse them
                   no_args_is_help=True, context_settings=common.HELP)
 
 
+def _format(value: str) -> str:
+    from localforge.adapters import WEIGHTS
+
+    if value not in WEIGHTS:
+        raise typer.BadParameter(f"unknown adapter format {value!r}: use {' or '.join(WEIGHTS)}")
+    return value
+
+
 @app.command("convert")
 def adapters_convert(
     adapter: Annotated[Path, typer.Argument(help="An adapter folder (mlx-lm or PEFT).")],
-    to: Annotated[str, typer.Option("--to", help="The format to write: mlx or peft.")],
+    to: Annotated[str, typer.Option("--to", callback=lambda v: _format(v), help="The format to write: mlx or peft.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The folder to write (new or empty).")],
     base: Annotated[str | None, typer.Option("--base", help="The base model, if the adapter config does not name one that resolves.")] = None,
 ) -> None:

@@ -37,8 +37,20 @@ def console(stderr: bool = False):
 # One definition for every command that talks to a model. Defaults of None mean "not given": the
 # job's settings (or the server) supply the value, so each default lives in one place.
 
+def known_backend(value: str | None) -> str | None:
+    """--backend names a registered engine (a usage error, exit 2, otherwise)."""
+    if value is None:
+        return value
+    from localforge.backends.registry import REGISTRY
+
+    names = ["auto", *REGISTRY]
+    if value not in names:
+        raise typer.BadParameter(f"unknown backend {value!r}: choose one of {', '.join(names)}")
+    return value
+
+
 Backend = Annotated[str | None, typer.Option(
-    "--backend", "-b", rich_help_panel=MODEL_PANEL,
+    "--backend", "-b", rich_help_panel=MODEL_PANEL, callback=known_backend,
     help="auto (the default), or a backend from `localforge doctor`.")]
 Model = Annotated[str | None, typer.Option(
     "--model", "-m", rich_help_panel=MODEL_PANEL,

@@ -17,7 +17,8 @@ app = typer.Typer(help="List, inspect and prepare models (offline).", no_args_is
 @app.command("list")
 def models_list(
     as_json: Annotated[bool, typer.Option("--json")] = False,
-    backend: Annotated[str | None, typer.Option("--backend", "-b", help="A server backend: list what it serves.")] = None,
+    backend: Annotated[str | None, typer.Option(
+        "--backend", "-b", callback=common.known_backend, help="A server backend: list what it serves.")] = None,
     base_url: common.BaseUrl = None,
     api_key_env: common.ApiKeyEnv = None,
     timeout: Annotated[float, typer.Option("--timeout", min=0.1)] = 10.0,
@@ -49,10 +50,12 @@ def models_show(
     ref: Annotated[str, typer.Argument(help="Alias, HF folder, .gguf file or cached repo id.")],
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Where a model reference resolves to, without loading it."""
-    from localforge.models import resolve
+    """Where a model reference resolves to, without loading it (its headers are checked)."""
+    from localforge.models import check_files, resolve
 
-    data = resolve(ref).to_dict()
+    model = resolve(ref)
+    check_files(model)
+    data = model.to_dict()
     if as_json:
         out(json.dumps(data, indent=2))
         return

@@ -20,18 +20,39 @@ from localforge.models import DEFAULT_MODEL
 
 M = TypeVar("M", bound=BaseModel)
 
-_KINDS = {"int_parsing": "a whole number", "int_type": "a whole number", "float_parsing": "a number",
+_KINDS = {"int_parsing": "a whole number", "int_type": "a whole number", "int_from_float": "a whole number",
+          "float_parsing": "a number",
           "float_type": "a number", "bool_parsing": "true or false", "bool_type": "true or false",
           "string_type": "a string", "list_type": "a list", "dict_type": "a mapping"}
 
 
 _UNION_TAGS = ("int", "bool", "float", "str")
+_TAG_PREFIXES = ("literal[", "dict[", "list[", "constrained-", "function-", "nullable[")
 
 
 def _key(err: dict) -> str:
-    # pydantic adds the union member tried (int, literal['auto'], ...) to the location: drop it
-    return ".".join(str(p) for p in err["loc"]
-                    if str(p) not in _UNION_TAGS and not str(p).startswith(("literal[", "dict[", "list[")))
+    # pydantic adds the union member tried (int, literal['auto'], constrained-int, ...) to the
+    # location: drop it; list positions read as [0]
+    key = ""
+    for p in err["loc"]:
+        if isinstance(p, int):
+            key += f"[{p}]"
+        elif str(p) not in _UNION_TAGS and not str(p).startswith(_TAG_PREFIXES):
+            key += f".{p}" if key else str(p)
+    return key
+
+
+def _wanted(err: dict) -> str:
+    """What one alternative of a field accepts, in words."""
+    ctx, kind = err.get("ctx") or {}, err["type"]
+    noun = "a whole number" if "int" in str(err["loc"][-1:]) or isinstance(err.get("input"), int) else "a number"
+    words = {"literal_error": lambda: ctx["expected"], "greater_than_equal": lambda: f"{noun} >= {ctx['ge']}",
+             "greater_than": lambda: f"{noun} > {ctx['gt']}", "less_than_equal": lambda: f"{noun} <= {ctx['le']}",
+             "less_than": lambda: f"{noun} < {ctx['lt']}", "finite_number": lambda: "a finite number",
+             "none_required": lambda: "null"}
+    if kind in words:
+        return words[kind]()
+    return _KINDS.get(kind, err["msg"][0].lower() + err["msg"][1:])
 
 
 def problem(errors: list[dict]) -> tuple[str, str]:
@@ -46,21 +67,46 @@ def problem(errors: list[dict]) -> tuple[str, str]:
         return key, "is required"
     if first["type"] == "value_error" or not key:
         return key, msg
+    if first["type"] == "too_short":  # an empty list or string
+        what = "item" if isinstance(got, list | tuple | dict) else "character"
+        n = first.get("ctx", {}).get("min_length", 1)
+        return key, f"expected at least {n} {what}{'s' if n != 1 else ''}, got {got!r}"
     same = [e for e in errors if _key(e) == key]
     if len(same) > 1 or first["type"] in _KINDS or first["type"] == "literal_error":
-        wanted = [e["ctx"]["expected"] if e["type"] == "literal_error" else _KINDS.get(e["type"], e["msg"])
-                  for e in same]
+        wanted = [_wanted(e) for e in same]
         return key, f"expected {' or '.join(dict.fromkeys(wanted))}, got {got!r}"
     return key, f"{msg[0].lower() + msg[1:]}, got {got!r}"
 
 
 def describe(errors: list[dict]) -> str:
     """One line for the first offending config key."""
-    key, what = problem(errors)
+    return describe_key(*problem(errors))
+
+
+def describe_key(key: str, what: str) -> str:
+    """``config key 'KEY': WHAT`` (or ``config: WHAT`` for a problem of no one key)."""
     if not key:
         return f"config: {what}"
     joiner = " " if what.startswith(("is not known", "is required")) else ": "
     return f"config key '{key}'{joiner}{what}"
+
+
+def _covers(set_key: str, key: str) -> bool:
+    """Whether setting ``set_key`` (``lora`` or ``lora.rank``) set ``key`` (``lora.rank``, ``lora.targets[0]``)."""
+    return key == set_key or key.startswith((set_key + ".", set_key + "[")) or set_key.startswith(key + ".")
+
+
+def key_error(key: str, what: str, path: str | Path | None = None, overrides: Sequence[str] = (),
+              flags: Mapping[str, tuple[str, Any]] | None = None) -> ConfigError:
+    """The one-line error for a bad value of ``key``, naming where the value came from: the flag
+    (a ``UsageError``, exit 2), the ``key=value`` override, or the config file (or the default)."""
+    for field, (flag, value) in (flags or {}).items():
+        if value is not None and _covers(field, key):
+            return UsageError(f"{flag}: {what}")
+    for item in reversed(list(overrides)):
+        if _covers(item.partition("=")[0].strip(), key):
+            return ConfigError(f"override '{item}': {describe_key(key, what)}")
+    return ConfigError((f"{path}: " if path else "") + describe_key(key, what))
 
 
 def _parse_value(text: str):
@@ -134,12 +180,9 @@ def load_settings(model: type[M], path: str | Path | None = None, overrides: Seq
     except ValidationError as exc:
         errors = exc.errors()
         key, what = problem(errors)
-        if key in given:  # a bad flag is a usage error that names the flag
-            raise UsageError(f"{given[key][0]}: {what}") from None
         keys = list(dict.fromkeys(_key(e) for e in errors))
         more = f" (and {len(keys) - 1} more key{'s' if len(keys) > 2 else ''})" if len(keys) > 1 else ""
-        prefix = f"{path}: " if path else ""
-        raise ConfigError(prefix + describe(errors) + more) from None
+        raise key_error(key, what + more, path, overrides, flags) from None
 
 
 class BackendChoice(BaseModel):

@@ -24,6 +24,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from localforge.errors import ConfigError
+
 IGNORE = -100
 
 # Architectures whose logits are exactly the output head applied to the decoder's last hidden
@@ -31,6 +33,28 @@ IGNORE = -100
 # learned tokens only: the vocabulary projection is the largest matmul of a small model (49k x
 # 576 for SmolLM2) and its fp32 logits the largest activation, and prompts and padding need neither.
 PLAIN_HEADS = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3"})
+
+
+
+class CorruptCheckpoint(ConfigError):
+    """A checkpoint file that cannot be read back (random bytes, empty, truncated, not what was
+    saved): one line, "corrupt or unreadable: PATH (why)", raised by ``Trainer.load``."""
+
+    def __init__(self, path: str | Path, why: str = "", hint: str = ""):
+        self.path, self.why = Path(path), why
+        super().__init__(f"corrupt or unreadable: {path}" + (f" ({why})" if why else "") + (f"; {hint}" if hint else ""))
+
+
+def read_checkpoint_file(path: Path, reader):
+    """``reader(path)``, with any failure to read or make sense of it as ``CorruptCheckpoint``."""
+    try:
+        return reader(path)
+    except FileNotFoundError:
+        raise CorruptCheckpoint(path, "missing") from None
+    except Exception as exc:
+        lines = str(exc).strip().splitlines()
+        raise CorruptCheckpoint(path, f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__) from None
+
 
 @dataclass
 class Batch:
@@ -97,11 +121,13 @@ class Trainer(Protocol):
         processes each writes what is its own."""
 
     def load(self, folder: Path) -> None:
-        """Continue from what ``save`` wrote in ``folder``."""
+        """Continue from what ``save`` wrote in ``folder``; a file that cannot be read back (or
+        does not hold what this run saves) raises ``CorruptCheckpoint`` naming it."""
 
     def export(self, out: Path) -> dict[str, Any]:
-        """Write the adapter (or full weights) in the engine's native format, loadable by
-        ``generate --adapter``; return its description (format, path). Called on rank 0."""
+        """Write the adapter in the engine's native format, loadable by ``generate --adapter``, or
+        for ``method: full`` a model folder (weights, config, tokenizer) loadable by ``--model``;
+        return its description (kind: adapter or model, format, path). Called on rank 0."""
 
     def sync(self, flag: bool) -> bool:
         """True on every process when ``flag`` is True on any (one Ctrl-C stops them all)."""

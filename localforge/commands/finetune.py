@@ -21,7 +21,8 @@ def finetune(
     ctx: typer.Context,
     config: Annotated[Path, typer.Argument(help="The YAML config; any key can be overridden as key=value.")],
     backend: Annotated[str | None, typer.Option("--backend", "-b", help="auto, or a backend that trains (see `localforge doctor`); overrides the config.")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan for this machine; do not train.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the config against the model and this machine, print the plan; do not train.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Start even when the predicted peak memory exceeds this machine's budget (without it such a start is refused, naming batch_size and max_seq_length).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="With --dry-run: print the plan as JSON.")] = False,
     num_processes: Annotated[int | None, typer.Option("--num-processes", help="Training processes in all (accelerate launch); default: one per GPU.", rich_help_panel=PROCESSES)] = None,
     num_machines: Annotated[int, typer.Option("--num-machines", rich_help_panel=PROCESSES)] = 1,
@@ -33,25 +34,53 @@ def finetune(
 ) -> None:
     """LoRA/DoRA/full fine-tuning from one config, planned for this machine.
 
+    Every setting is checked (ranges, LoRA targets and layers against the model, max_seq_length
+    against its context, the predicted peak against the memory budget) before anything is written;
+    --dry-run runs the same checks.
+
     `localforge finetune resume RUN_DIR` (then any key=value overrides) continues a stopped run exactly.
     """
     from localforge.finetune.launch import Launch
     from localforge.finetune.run import prepare, start
 
+    _check_launch(num_processes, num_machines, machine_rank, main_process_port)
     flags = {"backend": ("--backend", backend), "num_processes": ("--num-processes", num_processes)}
     launch = Launch(num_processes or 0, num_machines, machine_rank, main_process_ip, main_process_port,
                     accelerate_config)
     if dry_run:
-        cfg, data, _, shape, p = prepare(config, list(ctx.args), flags)
+        cfg, data, _, shape, p = prepare(config, list(ctx.args), flags, force=force)
         if as_json:
             common.out(json.dumps({**p.to_dict(), "model_params": shape.params,
                                    "data": {s: len(rows) for s, rows in data.splits.items()}}, indent=2))
         else:
             _plan_table(cfg, shape.params, p, data)
         return
-    run, prepared = start(config, list(ctx.args), flags)
-    _plan_table(prepared.cfg, prepared.shape.params, prepared.plan, prepared.data, stderr=True)
-    _train(run.path, prepared.plan.processes, launch, progress)
+    run, prepared = start(config, list(ctx.args), flags, force=force)
+    try:
+        _plan_table(prepared.cfg, prepared.shape.params, prepared.plan, prepared.data, stderr=True)
+        _train(run.path, prepared.plan.processes, launch, progress)
+    except BaseException:
+        if not run.started():  # a start that never trained leaves no folder to refuse the next one
+            run.discard()
+        raise
+
+
+def _check_launch(num_processes: int | None, num_machines: int, machine_rank: int, port: int | None) -> None:
+    """The launch flags' ranges, as usage errors (exit 2), before anything is read or written."""
+    from localforge.errors import UsageError
+
+    if num_processes is not None and num_processes < 1:
+        raise UsageError(f"--num-processes: expected 1 or more, got {num_processes}")
+    if num_machines < 1:
+        raise UsageError(f"--num-machines: expected 1 or more, got {num_machines}")
+    if not 0 <= machine_rank < num_machines:
+        raise UsageError(f"--machine-rank: expected 0 to {num_machines - 1} (--num-machines {num_machines}), "
+                         f"got {machine_rank}")
+    if num_processes is not None and num_processes < num_machines:
+        raise UsageError(f"--num-processes: {num_processes} processes over {num_machines} machines: give at least "
+                         f"one per machine")
+    if port is not None and not 1 <= port <= 65535:
+        raise UsageError(f"--main-process-port: expected 1 to 65535, got {port}")
 
 
 @app.command("resume", context_settings={**common.HELP, "allow_extra_args": True})
@@ -140,8 +169,14 @@ def _summary(manifest: dict) -> None:
              f"peak RSS {m['peak_rss_bytes'] / 1024**3:.2f} GiB"]
     console = common.console(stderr=True)
     console.print("done: " + ", ".join(p for p in parts if p))
-    if manifest.get("adapter"):
-        console.print(f"adapter ({manifest['adapter']['format']}): {manifest['adapter']['path']}")
+    output = manifest.get("output") or manifest.get("adapter")  # manifests before "output" named only adapters
+    if output:
+        if output.get("kind") == "model":
+            console.print(f"model ({output['format']}): {output['path']}  (use it with --model {output['path']})",
+                          markup=False)
+        else:
+            console.print(f"adapter ({output['format']}): {output['path']}  (use it with --adapter {output['path']})",
+                          markup=False)
     run = Path(manifest["run_dir"])
     console.print(f"manifest: {run / 'manifest.json'}  loss curve: {run / 'loss.png'}")
-    sys.stdout.write(str(manifest["adapter"]["path"] if manifest.get("adapter") else run) + "\n")
+    sys.stdout.write(str(output["path"] if output else run) + "\n")

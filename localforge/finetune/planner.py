@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,6 +36,8 @@ class ModelShape:
     kv_heads: int
     vocab: int
     tied_embeddings: bool = True
+    context: int | None = None  # max_position_embeddings
+    linears: tuple[tuple[str, int, int], ...] = ()  # the blocks' linear layers: (path, in, out)
 
     @property
     def head_dim(self) -> int:
@@ -51,12 +55,24 @@ class ModelShape:
         return embed * (1 if self.tied_embeddings else 2) + self.layers * per_layer + self.hidden
 
     def module_dims(self, name: str) -> tuple[int, int]:
+        """(in, out) features of the linear layer ``name`` of each block (read off the weights when known)."""
+        for path, d_in, d_out in self.linears:
+            if path == name or path.endswith("." + name):
+                return d_in, d_out
         h, kv, i = self.hidden, self.kv_dim, self.intermediate
         dims = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
                 "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-        if name not in dims:
-            raise KeyError(name)
-        return dims[name]
+        return dims.get(name, (h, h))  # a layer of a shape we were not told: estimate it square
+
+    def missing_targets(self, targets: list[str]) -> list[str]:
+        """The targets that name no linear layer of the model's blocks (none known: none missing)."""
+        if not self.linears:
+            return []
+        return [t for t in targets if not any(p == t or p.endswith("." + t) for p, _, _ in self.linears)]
+
+    @property
+    def target_names(self) -> list[str]:
+        return sorted({p.rsplit(".", 1)[-1] for p, _, _ in self.linears})
 
     @classmethod
     def from_hf_config(cls, path: str | Path) -> ModelShape:
@@ -64,7 +80,30 @@ class ModelShape:
         return cls(hidden=cfg["hidden_size"], intermediate=cfg["intermediate_size"],
                    layers=cfg["num_hidden_layers"], heads=cfg["num_attention_heads"],
                    kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
-                   vocab=cfg["vocab_size"], tied_embeddings=cfg.get("tie_word_embeddings", False))
+                   vocab=cfg["vocab_size"], tied_embeddings=cfg.get("tie_word_embeddings", False),
+                   context=cfg.get("max_position_embeddings"), linears=block_linears(path))
+
+
+_IN_BLOCK = re.compile(r"^.*?\.(\d+)\.(.+)\.weight$")  # model.layers.3.self_attn.q_proj.weight
+
+
+def block_linears(folder: str | Path) -> tuple[tuple[str, int, int], ...]:
+    """The linear layers of a HF folder's blocks, as (path in the block, in, out), read from the
+    safetensors headers alone (no weights, no engine); () when the folder has no safetensors."""
+    found: dict[str, tuple[int, int]] = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with open(file, "rb") as fh:
+                size = struct.unpack("<Q", fh.read(8))[0]
+                header = json.loads(fh.read(size))
+        except (OSError, ValueError, struct.error):
+            return ()
+        for name, info in header.items():
+            m = _IN_BLOCK.match(name)
+            shape = info.get("shape") if isinstance(info, dict) else None
+            if m and shape and len(shape) == 2:
+                found.setdefault(m.group(2), (shape[1], shape[0]))
+    return tuple((k, i, o) for k, (i, o) in sorted(found.items()))
 
 
 @dataclass
@@ -227,3 +266,32 @@ def plan(profile: HardwareProfile, shape: ModelShape, cfg: FinetuneConfig,
                 lora_layers=None if cfg.method == "full" else layers,
                 gradient_checkpointing=ckpt, predicted_peak_bytes=peak(batch, ckpt),
                 memory_budget_bytes=budget, processes=processes, reasons=reasons)
+
+
+def model_problems(cfg: FinetuneConfig, shape: ModelShape) -> list[tuple[str, str]]:
+    """What in ``cfg`` the model cannot do, as (config key, what is wrong): LoRA targets it lacks,
+    more LoRA layers than it has, a max_seq_length beyond its context."""
+    out = []
+    if cfg.method != "full":
+        missing = shape.missing_targets(list(cfg.lora.targets))
+        if missing:
+            out.append(("lora.targets", f"{missing[0]!r} is not a linear layer of this model's blocks: choose "
+                                        f"from {', '.join(shape.target_names)}"))
+        if isinstance(cfg.lora.layers, int) and cfg.lora.layers > shape.layers:
+            out.append(("lora.layers", f"{cfg.lora.layers} is more than the model's {shape.layers} layers: give "
+                                       f"{shape.layers} or less (or leave it out to adapt them all)"))
+    if shape.context and cfg.max_seq_length > shape.context:
+        out.append(("max_seq_length", f"{cfg.max_seq_length} is more than the model's context of {shape.context} "
+                                      f"tokens: give {shape.context} or less"))
+    return out
+
+
+def over_budget(p: Plan, cfg: FinetuneConfig) -> tuple[str, str] | None:
+    """(config key, what is wrong) when the plan's predicted peak exceeds its memory budget."""
+    if p.predicted_peak_bytes <= p.memory_budget_bytes:
+        return None
+    key = "batch_size" if cfg.batch_size != "auto" else "max_seq_length"
+    ckpt = "" if p.gradient_checkpointing else ", set gradient_checkpointing: true"
+    return key, (f"predicted peak {p.predicted_peak_bytes / GiB:.1f} GiB exceeds the {p.memory_budget_bytes / GiB:.1f} "
+                 f"GiB memory budget ({p.device}) at batch_size {p.batch_size}, max_seq_length {cfg.max_seq_length}: "
+                 f"lower batch_size or max_seq_length{ckpt}, or pass --force to start anyway")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
 import time
@@ -32,10 +33,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import yaml
 
+from localforge.backends.training import CorruptCheckpoint
 from localforge.errors import ConfigError, LocalforgeError
 from localforge.files import sha256_file
 from localforge.finetune.config import FinetuneConfig, load_config
-from localforge.finetune.planner import ModelShape, Plan
+from localforge.finetune.planner import ModelShape, Plan, model_problems
 from localforge.finetune.report import (
     final_metrics,
     peak_rss_bytes,
@@ -44,6 +46,7 @@ from localforge.finetune.report import (
     versions,
     write_json,
 )
+from localforge.settings import key_error
 
 if TYPE_CHECKING:
     from localforge.backends.training import Batch, Trainer
@@ -56,6 +59,27 @@ Events = Callable[..., None]  # on_event(kind, **data): "start", "step", "eval",
 
 class TrainingInterrupted(LocalforgeError):
     exit_code = 130
+
+
+CorruptFile = CorruptCheckpoint  # a run's file (a checkpoint, its state) that cannot be read back
+
+
+def _read_json(path: Path, hint: str = "") -> dict:
+    """A JSON object from a run's file, or ``CorruptFile`` naming it."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CorruptFile(path, "missing", hint) from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CorruptFile(path, _first_line(exc), hint) from None
+    if not isinstance(data, dict):
+        raise CorruptFile(path, f"expected a JSON object, got {type(data).__name__}", hint)
+    return data
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def lr_at(step: int, total: int, cfg: FinetuneConfig) -> float:
@@ -78,11 +102,26 @@ class RunDir:
         self.metrics = self.path / "metrics.jsonl"
         self.manifest = self.path / "manifest.json"
         self.plot = self.path / "loss.png"
-        self.adapter = self.path / "adapter"
+        self.adapter = self.path / "adapter"  # a LoRA/DoRA run's output
+        self.model = self.path / "model"  # a full run's output: a model folder (weights, config, tokenizer)
         self.checkpoints = self.path / "checkpoints"
 
     def exists(self) -> bool:
         return self.info.exists()
+
+    def started(self) -> bool:
+        """Whether training has done a step here (a start that failed before one leaves nothing to resume)."""
+        return bool(self.metrics.exists() and self.metrics.read_text().strip()) or bool(self.checkpoint_dirs())
+
+    def discard(self, made: bool = True) -> None:
+        """Remove what a start wrote: the whole folder when the start made it, else only the run's files."""
+        if made:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        for f in (self.config, self.info, self.metrics, self.manifest, self.plot):
+            f.unlink(missing_ok=True)
+        for d in (self.checkpoints, self.adapter, self.model):
+            shutil.rmtree(d, ignore_errors=True)
 
     @staticmethod
     def engine_dir(checkpoint: Path) -> Path:
@@ -118,14 +157,18 @@ class Prepared(NamedTuple):
     plan: Plan
 
 
-def prepare(config_path: str | Path | None, overrides: list[str] = (), flags: dict | None = None) -> Prepared:
-    """Config, data, model folder, shape and plan for this machine; nothing written.
+def prepare(config_path: str | Path | None, overrides: list[str] = (), flags: dict | None = None,
+            force: bool = False) -> Prepared:
+    """Config, data, model folder, shape and plan for this machine, every check done; nothing written.
 
     ``flags``: command-line values by config key ({"backend": ("--backend", "mlx")}, see ``settings``).
+    Checks against the model (LoRA targets, layers, context) and the plan (the predicted peak
+    within the memory budget; ``force`` lets a start go beyond it) raise a ``ConfigError`` that
+    names the key and where it was set.
     """
     from localforge.backends import ensure_hf, installed, trainers
     from localforge.finetune.data import load_data
-    from localforge.finetune.planner import plan
+    from localforge.finetune.planner import model_problems, over_budget, plan
     from localforge.hardware import HardwareProfile
     from localforge.models import resolve
 
@@ -134,7 +177,15 @@ def prepare(config_path: str | Path | None, overrides: list[str] = (), flags: di
     data = load_data(cfg.data)
     model_path = ensure_hf(resolve(cfg.model))
     shape = ModelShape.from_hf_config(model_path)
-    return Prepared(cfg, data, model_path, shape, plan(HardwareProfile.detect(), shape, cfg, installed(trainers())))
+    for key, what in model_problems(cfg, shape):
+        raise key_error(key, what, config_path, overrides, flags)
+    p = plan(HardwareProfile.detect(), shape, cfg, installed(trainers()))
+    too_big = over_budget(p, cfg)
+    if too_big and not force:
+        raise key_error(*too_big, config_path, overrides, flags)
+    if too_big:
+        p.reasons.append("forced: the predicted peak exceeds the memory budget; expect swapping or out-of-memory")
+    return Prepared(cfg, data, model_path, shape, p)
 
 
 def _as_run(cfg: FinetuneConfig, p: Plan) -> dict:
@@ -147,20 +198,27 @@ def _as_run(cfg: FinetuneConfig, p: Plan) -> dict:
     return out
 
 
-def start(config_path: str | Path | None, overrides: list[str] = (),
-          flags: dict | None = None) -> tuple[RunDir, Prepared]:
-    """Validate, plan, and write a new run folder (refusing to overwrite a run)."""
-    prepared = prepare(config_path, overrides, flags)
+def start(config_path: str | Path | None, overrides: list[str] = (), flags: dict | None = None,
+          force: bool = False) -> tuple[RunDir, Prepared]:
+    """Validate, plan, and write a new run folder (refusing to overwrite a run). Every check runs
+    before the folder is made, and a failure while writing it removes it again.
+    ``force``: start even when the predicted peak exceeds the memory budget."""
+    prepared = prepare(config_path, overrides, flags, force)
     cfg, data, model_path, shape, p = prepared
     run = RunDir(cfg.output_dir)
     if run.exists():
         raise ConfigError(f"{run.path} already holds a run: continue it with `localforge finetune resume "
                           f"{run.path}`, or set output_dir to a new folder")
-    run.path.mkdir(parents=True, exist_ok=True)
-    run.config.write_text(yaml.safe_dump(_as_run(cfg, p), sort_keys=False))
-    write_json(run.info, {"model_path": model_path, "model_params": shape.params, "plan": p.to_dict(),
-                          "data_files": {s: {"path": f, "sha256": sha256_file(f)} for s, f in data.files.items()},
-                          "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    made = not run.path.exists()
+    try:
+        run.path.mkdir(parents=True, exist_ok=True)
+        run.config.write_text(yaml.safe_dump(_as_run(cfg, p), sort_keys=False))
+        write_json(run.info, {"model_path": model_path, "model_params": shape.params, "plan": p.to_dict(),
+                              "data_files": {s: {"path": f, "sha256": sha256_file(f)} for s, f in data.files.items()},
+                              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    except OSError as exc:
+        run.discard(made)
+        raise ConfigError(f"output_dir {run.path}: cannot write the run folder ({exc.strerror or exc})") from None
     return run, prepared
 
 
@@ -170,7 +228,10 @@ def reopen(run_dir: str | Path, overrides: list[str] = ()) -> tuple[RunDir, Plan
     if not run.exists():
         raise ConfigError(f"{run.path} is not a localforge run folder (no run.json): give the output_dir of a run")
     cfg = load_config(run.config, overrides)
-    info = json.loads(run.info.read_text())
+    info = _read_json(run.info)
+    if overrides:
+        for key, what in model_problems(cfg, ModelShape.from_hf_config(info["model_path"])):
+            raise key_error(key, what, run.config, overrides)
     for split, f in info["data_files"].items():
         if not Path(f["path"]).exists() or sha256_file(f["path"]) != f["sha256"]:
             raise ConfigError(f"{f['path']} ({split} data) changed or is gone since the run began: resuming would "
@@ -245,12 +306,27 @@ def _engine(cfg: FinetuneConfig, model_path: str) -> tuple[Trainer, tuple[str, .
 
 
 def _resume(run: RunDir, trainer: Trainer, main: bool) -> tuple[int, str | None]:
-    """Load the newest checkpoint into the engine, if there is one; the step to continue from."""
+    """Load the newest checkpoint into the engine, if there is one; the step to continue from.
+    A checkpoint that cannot be read back is ``CorruptCheckpoint`` naming the file, in one line."""
     ckpt = run.latest()
     if ckpt is None:
         return 0, None
-    trainer.load(run.engine_dir(ckpt))
-    step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+    older = run.checkpoint_dirs()[:-1]
+    hint = (f"delete {ckpt} to resume from {older[-1].name}" if older
+            else f"delete {ckpt} to train this run again from the start")
+    state_file = ckpt / "trainer_state.json"
+    step = _read_json(state_file, hint).get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+        raise CorruptFile(state_file, f"no step number (got {step!r})", hint)
+    engine = run.engine_dir(ckpt)
+    try:
+        trainer.load(engine)
+    except CorruptCheckpoint as exc:
+        raise CorruptFile(exc.path, exc.why, hint) from None
+    except LocalforgeError:
+        raise
+    except Exception as exc:  # anything the engine's readers raise on bytes they cannot make sense of
+        raise CorruptFile(engine, _first_line(exc), hint) from None
     if main:
         run.truncate_metrics(step)
     return step, str(ckpt)
@@ -263,67 +339,116 @@ def train(run_dir: str | Path, on_event: Events | None = None, stop_after: int |
     total), "step" (step, loss, tokens_per_second), "eval" (step, eval_loss) and "checkpoint"
     (step, path). ``stop_after`` ends the session after that many steps as Ctrl-C would
     (checkpoint and exit with ``TrainingInterrupted``): for tests and for splitting a run.
+
+    However the session ends, the manifest says so: "completed", "interrupted" or "failed", with
+    the one-line reason (``reason``) when it did not complete.
     """
-    from localforge.finetune.batches import input_tokens, learned_tokens
     from localforge.hardware import HardwareProfile
 
     run = RunDir(run_dir)
-    cfg = load_config(run.config)
-    info = json.loads(run.info.read_text())
-    info["hardware"] = json.loads(HardwareProfile.detect().model_dump_json())  # this session's machine
+    if not run.exists():
+        raise ConfigError(f"{run.path} is not a localforge run folder (no run.json): give the output_dir of a run")
+    main = int(os.environ.get("RANK", "0")) == 0  # accelerate's; the trainer says the same once it exists
+    try:
+        cfg = load_config(run.config)
+        info = _read_json(run.info)
+        info["hardware"] = json.loads(HardwareProfile.detect().model_dump_json())  # this session's machine
+        return _session(run, cfg, info, on_event, stop_after)
+    except TrainingInterrupted as exc:
+        if main:
+            _mark(run, "interrupted", str(exc))
+        raise
+    except KeyboardInterrupt:
+        if main:
+            _mark(run, "interrupted", "stopped at once by a second Ctrl-C (no checkpoint for the last steps)")
+        raise
+    except BaseException as exc:
+        if main:
+            _mark(run, "failed", str(exc).strip().splitlines()[0] if isinstance(exc, LocalforgeError)
+                  and str(exc).strip() else _first_line(exc))
+        raise
+
+
+def _mark(run: RunDir, status: str, reason: str) -> None:
+    """Record how a session ended in the manifest (the one it wrote, or a short one if it wrote none)."""
+    try:
+        manifest = _read_json(run.manifest)
+    except CorruptFile:
+        manifest = {"run_dir": str(run.path)}
+    manifest.update(status=status, reason=reason, ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    try:
+        write_json(run.manifest, manifest)
+    except OSError:
+        pass  # the disk refuses even this: the error itself still reaches the caller
+
+
+def _session(run: RunDir, cfg: FinetuneConfig, info: dict, on_event: Events | None, stop_after: int | None) -> dict:
+    from localforge.finetune.batches import input_tokens, learned_tokens
+
     trainer, packages = _engine(cfg, info["model_path"])
-    data = _tokenized(cfg, trainer.tokenizer)
-    if trainer.world_size != data.schedule.world_size:
-        raise ConfigError(f"config num_processes={data.schedule.world_size} but {trainer.world_size} processes "
-                          f"are running: launch with `localforge finetune` (it starts accelerate itself)")
-    main = trainer.rank == 0
+    try:
+        data = _tokenized(cfg, trainer.tokenizer)
+        if trainer.world_size != data.schedule.world_size:
+            raise ConfigError(f"config num_processes={data.schedule.world_size} but {trainer.world_size} processes "
+                              f"are running: launch with `localforge finetune` (it starts accelerate itself)")
+        main = trainer.rank == 0
 
-    def emit(kind: str, **event) -> None:  # one process reports; the others train in step with it
-        if on_event is not None and main:
-            on_event(kind, **event)
+        def emit(kind: str, **event) -> None:  # one process reports; the others train in step with it
+            if on_event is not None and main:
+                on_event(kind, **event)
 
-    step, resumed_from = _resume(run, trainer, main)
-    history = read_metrics(run.metrics)
-    began, train_seconds, tokens_seen = time.time(), 0.0, 0
+        step, resumed_from = _resume(run, trainer, main)
+        history = read_metrics(run.metrics)
+        began, train_seconds, tokens_seen = time.time(), 0.0, 0
 
-    def manifest(status: str, adapter: dict | None = None) -> dict:
-        return _manifest(run, cfg, info, trainer, packages, status, history, resumed_from, train_seconds,
-                         tokens_seen, wall=time.time() - began if status != "running" else 0.0, adapter=adapter)
+        def manifest(status: str, output: dict | None = None) -> dict:
+            return _manifest(run, cfg, info, trainer, packages, status, history, resumed_from, train_seconds,
+                             tokens_seen, wall=time.time() - began if status != "running" else 0.0, output=output)
 
+        if main:
+            write_json(run.manifest, manifest("running"))
+        emit("start", step=step, total=data.total)
+        interrupted = False
+        with _stop_on_signal() as flag:
+            while step < data.total:
+                lr = lr_at(step, data.total, cfg)
+                rows = data.schedule.step_rows(step)
+                step_tokens, inputs = learned_tokens(rows), input_tokens(rows)
+                t0 = time.perf_counter()
+                loss = trainer.step(step, data.schedule.split(rows, trainer.rank), lr, step_tokens) / max(1, step_tokens)
+                seconds = time.perf_counter() - t0
+                train_seconds += seconds
+                tokens_seen += inputs
+                step += 1
+                _log(run, history, main, {"step": step, "loss": loss, "lr": lr, "tokens": inputs,
+                                          "loss_tokens": step_tokens, "seconds": round(seconds, 4)})
+                emit("step", step=step, loss=loss, tokens_per_second=tokens_seen / train_seconds)
+                if data.valid and (step % cfg.eval_every == 0 or step == data.total):
+                    total, n = trainer.eval_loss(data.valid)
+                    _log(run, history, main, {"step": step, "eval_loss": total / max(1, n)})
+                    emit("eval", step=step, eval_loss=total / max(1, n))
+                stopping = flag["stop"] or (stop_after is not None and step >= stop_after and step < data.total)
+                interrupted = trainer.sync(stopping)
+                if step % cfg.save_every == 0 or step == data.total or interrupted:
+                    emit("checkpoint", step=step, path=str(_checkpoint(run, trainer, step, data.total, lr,
+                                                                        cfg.keep_checkpoints, main)))
+                if interrupted:
+                    break
+
+        saved = None
+        if step >= data.total and main:
+            out = run.model if cfg.method == "full" else run.adapter
+            try:
+                saved = trainer.export(out)
+            except OSError as exc:
+                raise LocalforgeError(f"could not write the trained {'model' if cfg.method == 'full' else 'adapter'}"
+                                      f" to {out}: {exc.strerror or exc}") from None
+        final = manifest("completed" if step >= data.total else "interrupted", saved)
+    finally:
+        trainer.close()  # free the model before drawing (and when the session failed)
     if main:
-        write_json(run.manifest, manifest("running"))
-    emit("start", step=step, total=data.total)
-    interrupted = False
-    with _stop_on_signal() as flag:
-        while step < data.total:
-            lr = lr_at(step, data.total, cfg)
-            rows = data.schedule.step_rows(step)
-            step_tokens, inputs = learned_tokens(rows), input_tokens(rows)
-            t0 = time.perf_counter()
-            loss = trainer.step(step, data.schedule.split(rows, trainer.rank), lr, step_tokens) / max(1, step_tokens)
-            seconds = time.perf_counter() - t0
-            train_seconds += seconds
-            tokens_seen += inputs
-            step += 1
-            _log(run, history, main, {"step": step, "loss": loss, "lr": lr, "tokens": inputs,
-                                      "loss_tokens": step_tokens, "seconds": round(seconds, 4)})
-            emit("step", step=step, loss=loss, tokens_per_second=tokens_seen / train_seconds)
-            if data.valid and (step % cfg.eval_every == 0 or step == data.total):
-                total, n = trainer.eval_loss(data.valid)
-                _log(run, history, main, {"step": step, "eval_loss": total / max(1, n)})
-                emit("eval", step=step, eval_loss=total / max(1, n))
-            stopping = flag["stop"] or (stop_after is not None and step >= stop_after and step < data.total)
-            interrupted = trainer.sync(stopping)
-            if step % cfg.save_every == 0 or step == data.total or interrupted:
-                emit("checkpoint", step=step, path=str(_checkpoint(run, trainer, step, data.total, lr,
-                                                                    cfg.keep_checkpoints, main)))
-            if interrupted:
-                break
-
-    saved = trainer.export(run.adapter) if step >= data.total and main else None
-    final = manifest("completed" if step >= data.total else "interrupted", saved)
-    trainer.close()  # free the model before drawing
-    if main:
+        if interrupted:
+            final["reason"] = f"stopped at step {step} of {data.total}"
         write_json(run.manifest, final)
         plot_loss(history, run.plot, f"{cfg.model} {cfg.method} on {cfg.backend} ({Path(cfg.data).name})")
     if interrupted:
@@ -340,19 +465,27 @@ def _log(run: RunDir, history: list[dict], main: bool, row: dict) -> None:
 
 def _checkpoint(run: RunDir, trainer: Trainer, step: int, total: int, lr: float, keep: int, main: bool) -> Path:
     """Write checkpoints/step-N atomically (a temp folder renamed into place), then prune old ones:
-    the engine's state in its own subfolder, the driver's ``trainer_state.json`` beside it."""
+    the engine's state in its own subfolder, the driver's ``trainer_state.json`` beside it. A write
+    that fails (disk full, no permission) leaves no partial checkpoint and raises a one-line error."""
     final = run.checkpoints / f"step-{step:08d}"
     tmp = run.checkpoints / f".step-{step:08d}.tmp"
+    try:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / ENGINE_DIR).mkdir(parents=True)
+        trainer.barrier()
+        trainer.save(tmp / ENGINE_DIR)
+        trainer.barrier()
+        if main:
+            write_json(tmp / "trainer_state.json", {"step": step, "total_steps": total, "lr": lr})
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+    except OSError as exc:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise LocalforgeError(f"could not write checkpoint {final}: {exc.strerror or exc}"
+                              f"{f' ({exc.filename})' if getattr(exc, 'filename', None) else ''}") from None
     if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / ENGINE_DIR).mkdir(parents=True)
-    trainer.barrier()
-    trainer.save(tmp / ENGINE_DIR)
-    trainer.barrier()
-    if main:
-        write_json(tmp / "trainer_state.json", {"step": step, "total_steps": total, "lr": lr})
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
         for old in run.checkpoint_dirs()[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     trainer.barrier()
@@ -361,7 +494,10 @@ def _checkpoint(run: RunDir, trainer: Trainer, step: int, total: int, lr: float,
 
 def _manifest(run: RunDir, cfg: FinetuneConfig, info: dict, trainer: Trainer, packages: tuple[str, ...],
               status: str, history: list[dict], resumed_from: str | None, train_seconds: float, tokens: int,
-              wall: float = 0.0, adapter: dict | None = None) -> dict[str, Any]:
+              wall: float = 0.0, output: dict | None = None) -> dict[str, Any]:
+    """``output`` is what the run made (kind: adapter or model, format, path); ``adapter`` the same
+    for a LoRA/DoRA run, None for a full run (whose output is a model folder)."""
+    full = cfg.method == "full"
     metrics = final_metrics(history)
     metrics.update(train_seconds=round(train_seconds, 3), wall_seconds=round(wall, 3),
                    tokens_per_second=round(tokens / train_seconds, 2) if train_seconds else None,
@@ -372,7 +508,8 @@ def _manifest(run: RunDir, cfg: FinetuneConfig, info: dict, trainer: Trainer, pa
         "run_dir": str(run.path.resolve()),
         "model": cfg.model,
         "model_path": info["model_path"],
-        "adapter": adapter,
+        "adapter": None if full else output,
+        "output": output,
         "resumed_from": resumed_from,
         "seed": cfg.seed,
         "config": cfg.model_dump(),
@@ -385,4 +522,4 @@ def _manifest(run: RunDir, cfg: FinetuneConfig, info: dict, trainer: Trainer, pa
     }
 
 
-__all__ = ["RunDir", "TrainingInterrupted", "lr_at", "prepare", "reopen", "start", "train"]
+__all__ = ["CorruptFile", "RunDir", "TrainingInterrupted", "lr_at", "prepare", "reopen", "start", "train"]

@@ -23,7 +23,14 @@ import torch
 
 from localforge.backends.hf import load_tokenizer, quiet_transformers
 from localforge.backends.torch.generate import pick_device, pick_dtype
-from localforge.backends.training import IGNORE, PLAIN_HEADS, Batch, TrainSetup
+from localforge.backends.training import (
+    IGNORE,
+    PLAIN_HEADS,
+    Batch,
+    CorruptCheckpoint,
+    TrainSetup,
+    read_checkpoint_file,
+)
 from localforge.hardware import default_threads
 
 
@@ -121,36 +128,72 @@ class TorchTrainer:
 
     # -- saving and resuming --------------------------------------------------------------------
     def export(self, out: Path) -> dict[str, Any]:
+        """The adapter (PEFT), or for a full run a model folder: weights, config and tokenizer,
+        which ``--model`` loads like any HF folder."""
         out = Path(out)
         self.model.save_pretrained(out)  # PEFT records the base folder as base_model_name_or_path
-        return {"format": "peft" if self.setup.method != "full" else "hf", "path": str(out),
+        if self.setup.method == "full":
+            self.tokenizer.save_pretrained(out)
+            return {"kind": "model", "format": "hf", "path": str(out), "method": "full",
+                    "trainable_params": self.trainable_params}
+        return {"kind": "adapter", "format": "peft", "path": str(out), "method": self.setup.method,
                 "trainable_params": self.trainable_params}
 
     def save(self, folder: Path) -> None:
         folder = Path(folder)
         if self.rank == 0:  # under DDP every process holds the same weights and optimizer state
-            self.export(folder)
+            self.model.save_pretrained(folder)
             torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
         torch.save(_rng_state(), folder / f"rng-{self.rank}.pt")
 
     def load(self, folder: Path) -> None:
-        from safetensors.torch import load_file
-
         src = Path(folder)
         if self.setup.method == "full":
-            from transformers.modeling_utils import load_sharded_checkpoint
-
-            if (src / "model.safetensors").exists():
-                self.model.load_state_dict(load_file(src / "model.safetensors"), strict=False)
-            else:
-                load_sharded_checkpoint(self.model, str(src))
+            self._load_full(src)
         else:
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(self.model, load_file(src / "adapter_model.safetensors"))
-        self.optimizer.load_state_dict(torch.load(src / "optimizer.pt", map_location=self.device, weights_only=True))
+            self._load_adapter(src)
+        read_checkpoint_file(src / "optimizer.pt", self._load_optimizer)
         rng = src / f"rng-{self.rank}.pt"
-        _set_rng_state(torch.load(rng if rng.exists() else src / "rng-0.pt", weights_only=False))
+        rng = rng if rng.exists() else src / "rng-0.pt"
+        read_checkpoint_file(rng, lambda f: _set_rng_state(torch.load(f, weights_only=False)))
+
+    def _load_optimizer(self, path: Path) -> None:
+        self.optimizer.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+
+    def _load_full(self, src: Path) -> None:
+        """The weights ``save_pretrained`` wrote: model.safetensors, or its shards with their index."""
+        from safetensors.torch import load_file
+
+        index = src / "model.safetensors.index.json"
+        if index.exists():
+            import json
+
+            shards = sorted(set(read_checkpoint_file(index, lambda f: json.loads(f.read_text())["weight_map"].values())))
+            files = [src / name for name in shards]
+        else:
+            files = [src / "model.safetensors"]
+        state = {}
+        for f in files:
+            state.update(read_checkpoint_file(f, load_file))
+        expected = set(self.model.state_dict())
+        tied = {k for k in expected if k not in state and _is_tied(self.model, k)}
+        missing, unexpected = expected - set(state) - tied, set(state) - expected
+        if missing or unexpected:
+            name = sorted(missing or unexpected)[0]
+            raise CorruptCheckpoint(files[0], f"not this model's weights: {'no' if missing else 'unexpected'} {name}")
+        read_checkpoint_file(files[0], lambda _: self.model.load_state_dict(state, strict=False))
+
+    def _load_adapter(self, src: Path) -> None:
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        f = src / "adapter_model.safetensors"
+        state = read_checkpoint_file(f, load_file)
+        expected = set(get_peft_model_state_dict(self.model))
+        if set(state) != expected:
+            raise CorruptCheckpoint(f, "not this run's adapter: its tensors are not the ones this run's method, "
+                                       "targets and layers train")
+        read_checkpoint_file(f, lambda _: set_peft_model_state_dict(self.model, state))
 
     def sync(self, flag: bool) -> bool:
         if not self.accelerator:
@@ -190,6 +233,11 @@ class LearnedTokenLoss(torch.nn.Module):
             logits = self.model(input_ids=input_ids, use_cache=False, **kwargs).logits
             logits = logits.flatten(0, 1).index_select(0, where)
         return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def _is_tied(model, key: str) -> bool:
+    """Whether ``key`` is the output head tied to the input embeddings (``save_pretrained`` drops it)."""
+    return bool(getattr(model.config, "tie_word_embeddings", False)) and key.endswith("lm_head.weight")
 
 
 def _seed_everything(seed: int) -> None:

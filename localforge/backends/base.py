@@ -72,6 +72,8 @@ class Backend(ABC):
         batch = [conversations] if single else [list(c) for c in conversations]
         for i, conv in enumerate(batch):
             check_conversation(conv, i)
+        if params.grammar is not None and not self.capabilities.grammar:
+            raise Unsupported(f"backend '{self.name}' cannot constrain output to a grammar; use generate_json instead")
         if params.json_object:  # JSON mode (json_schema, if given, is only a hint)
             if not self.capabilities.json_mode:
                 raise Unsupported(f"backend '{self.name}' has no JSON mode; use generate_json instead")

@@ -16,7 +16,9 @@ from localforge.backends.types import (
     RequestTooLarge,
     Timer,
     Unsupported,
+    first_line,
 )
+from localforge.errors import CorruptFile
 from localforge.models import resolve
 
 SPECS = (
@@ -28,7 +30,7 @@ SPECS = (
 
 class LlamaCppBackend(Backend):
     name = "llamacpp"
-    capabilities = Capabilities(batching=False, json_schema=True, json_mode=True)
+    capabilities = Capabilities(batching=False, json_schema=True, json_mode=True, grammar=True)
 
     def __init__(
         self,
@@ -54,13 +56,17 @@ class LlamaCppBackend(Backend):
                 f"backend 'llamacpp' cannot import llama_cpp ({exc}): pip install 'localforge[llamacpp]'"
             ) from exc
         self.model_name = resolved.name
-        self.llm = Llama(
-            model_path=resolved.gguf_path,
-            n_ctx=n_ctx,
-            n_threads=threads or default_threads(),  # llama-cpp-python's default is half the cores
-            n_gpu_layers=n_gpu_layers,
-            verbose=False,
-        )
+        try:
+            self.llm = Llama(
+                model_path=resolved.gguf_path,
+                n_ctx=n_ctx,
+                n_threads=threads or default_threads(),  # llama-cpp-python's default is half the cores
+                n_gpu_layers=n_gpu_layers,
+                verbose=False,
+            )
+        except ValueError as exc:  # "Failed to load model from file: PATH" (bad metadata, unknown architecture)
+            raise CorruptFile(resolved.gguf_path, f"llama.cpp cannot load it: {first_line(exc)}",
+                              "download or convert it again with a current llama.cpp") from None
 
     def generate(self, conversations: list[Conversation], params: GenerationParams) -> list[ChatResult]:
         return [self._one(conv, params) for conv in conversations]
@@ -77,7 +83,14 @@ class LlamaCppBackend(Backend):
             stop=list(params.stop) or None,
             seed=params.seed,
         )
-        if params.json_schema is not None:
+        if params.grammar is not None:  # the grammar alone: a response_format would replace it
+            from llama_cpp import LlamaGrammar
+
+            from localforge.backends.grammar import check_gbnf
+
+            check_gbnf(params.grammar)  # a grammar llama.cpp cannot parse would crash the process
+            kwargs["grammar"] = LlamaGrammar.from_string(params.grammar, verbose=False)
+        elif params.json_schema is not None:
             kwargs["response_format"] = {"type": "json_object", "schema": params.json_schema}
         elif params.json_object:
             kwargs["response_format"] = {"type": "json_object"}

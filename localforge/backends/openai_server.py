@@ -8,11 +8,13 @@ never from a config file, and is never printed. Local servers need none.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 from localforge.backends.resilience import Transient
 from localforge.backends.server import ServerBackend
 from localforge.backends.spec import EngineSpec
+from localforge.backends.structured import PROBES
 from localforge.backends.types import (
     BackendError,
     BackendTimeout,
@@ -24,6 +26,7 @@ from localforge.backends.types import (
     InvalidResponse,
     RequestTooLarge,
     Timer,
+    Unsupported,
 )
 
 SPECS = tuple(
@@ -36,6 +39,9 @@ SPECS = tuple(
     ]
 )
 
+_PROBE_WORD = "zebra42"
+_GRAMMAR_PROBE = threading.Lock()
+
 _START = (
     "start the server (LM Studio: Developer > Start Server; llama.cpp: "
     "python -m llama_cpp.server --model FILE.gguf; vLLM: vllm serve MODEL) or pass --base-url"
@@ -47,7 +53,8 @@ class OpenAIBackend(ServerBackend):
     default_url = "https://api.openai.com/v1"
     url_env = "OPENAI_BASE_URL"
     start_hint = _START
-    capabilities = Capabilities(batching=True, json_schema=True, json_mode=True)
+    # grammar: llama.cpp's servers take a GBNF "grammar" field; whether this one does is probed once
+    capabilities = Capabilities(batching=True, json_schema=True, json_mode=True, grammar=True)
 
     def __init__(self, model: str, api_key_env: str = "OPENAI_API_KEY", **options: Any):
         super().__init__(model, **options)
@@ -70,7 +77,10 @@ class OpenAIBackend(ServerBackend):
             kwargs["stop"] = list(params.stop)
         if params.seed is not None:
             kwargs["seed"] = params.seed
-        if params.json_object:  # JSON mode; "schema" is llama.cpp's extension, others ignore it
+        if params.grammar is not None:  # llama.cpp's field; a response_format beside it would replace it
+            self._check_grammar(timeout)
+            kwargs["extra_body"] = {"grammar": params.grammar}
+        elif params.json_object:  # JSON mode; "schema" is llama.cpp's extension, others ignore it
             fmt: dict[str, Any] = {"type": "json_object"}
             if params.json_schema is not None:
                 fmt["schema"] = params.json_schema
@@ -99,6 +109,29 @@ class OpenAIBackend(ServerBackend):
                                usage.completion_tokens if usage else 0, choice.finish_reason, t.seconds)
         except (AttributeError, IndexError, TypeError) as exc:
             raise InvalidResponse(f"{self.base_url} returned an unexpected completion: {exc}") from None
+
+    def _check_grammar(self, timeout: float) -> None:
+        """Ask once per server and model whether it follows a ``grammar`` field: a server that does
+        not know the field answers freely (or refuses it), so a one-word grammar tells."""
+        if PROBES.accepted(self.identity(), "grammar"):
+            return
+        with _GRAMMAR_PROBE:
+            if PROBES.accepted(self.identity(), "grammar"):
+                return
+            try:
+                out = self.client.with_options(timeout=timeout).chat.completions.create(
+                    model=self.served, messages=[{"role": "user", "content": "Say a word."}], max_tokens=8,
+                    temperature=0, extra_body={"grammar": f'root ::= "{_PROBE_WORD}"'})
+                text = (out.choices[0].message.content or "").strip()
+            except self._openai.APIStatusError as exc:
+                raise Unsupported(f"{self.base_url} refuses a grammar ({exc.status_code})") from None
+            except (self._openai.APIConnectionError, self._openai.APITimeoutError):
+                raise Transient(BackendUnavailable(self.nothing_answers()), refused=True) from None
+            except (AttributeError, IndexError, TypeError, ValueError):
+                text = ""
+            if text != _PROBE_WORD:
+                raise Unsupported(f"{self.base_url} does not follow a grammar (asked for {_PROBE_WORD!r}, got {text[:40]!r})")
+            PROBES.accept(self.identity(), "grammar")
 
     def _status_error(self, exc: Any, probing: bool) -> Exception:
         status = exc.status_code

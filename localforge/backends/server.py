@@ -81,9 +81,19 @@ class ServerBackend(Backend):
         return self._map(lambda conv: self._call(conv, params), conversations)
 
     def _call(self, conv: Conversation, params: GenerationParams) -> ChatResult:
-        mode = "json" if params.json_object else "schema" if params.json_schema is not None else None
+        mode = ("grammar" if params.grammar is not None else "json" if params.json_object
+                else "schema" if params.json_schema is not None else None)
         probing = mode is not None and not PROBES.accepted(self.identity(), mode)
-        result = self.endpoint.call(lambda left: self._request(conv, params, left, probing), self.timeout)
+        try:
+            result = self.endpoint.call(lambda left: self._request(conv, params, left, probing), self.timeout)
+        except Unsupported as exc:
+            if probing and getattr(exc, "ambiguous", False):
+                # An error status while trying a mode blames the mode only if the same request
+                # without it goes through; else that request's own error is the real one (a
+                # prompt too long, a server in trouble), and the mode is not marked rejected.
+                plain = replace(params, json_schema=None, json_object=False, grammar=None, max_tokens=1)
+                self.endpoint.call(lambda left: self._request(conv, plain, left, False), self.timeout)
+            raise
         if probing:
             PROBES.accept(self.identity(), mode)
         return result
@@ -98,8 +108,10 @@ class ServerBackend(Backend):
     def transient_or_unsupported(self, status: int, detail: str, probing: bool) -> Exception | None:
         """The shared reading of an HTTP error status: a rejected structured-output mode while
         probing, a retryable 429/5xx, or None (the caller maps the rest)."""
-        if probing and status in (400, 422, 500, 501):
-            return Unsupported(f"{self.base_url} rejects this output format ({status}): {detail}")
+        if probing and status in (400, 422, 500, 501) and "context" not in detail.lower():
+            exc = Unsupported(f"{self.base_url} rejects this output format ({status}): {detail}")
+            exc.ambiguous = True  # type: ignore[attr-defined] - _call checks it with a plain request
+            return exc
         if status == 429 or status >= 500:
             return Transient(BackendUnavailable(f"{self.base_url} answered {status}: {detail}"))
         return None

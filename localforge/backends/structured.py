@@ -1,10 +1,13 @@
 """Structured output, the same on every backend: ``generate_json(backend, conversation, schema)``.
 
-The ladder: the engine's native schema mode, else its JSON mode, else prompt-and-parse. Whatever
-the rung, the answer is parsed (``extract_json`` copes with fences, prose and small slips) and
-validated with jsonschema, since engines enforce schemas only in part (llama.cpp ignores integer
-ranges). On a failure the model is asked again with the validation error, up to ``attempts``
-times; the final error carries every attempt so callers can record rejects.
+The ladder: a grammar built from the schema where the engine takes one (llama.cpp in-process and
+llama.cpp's servers; ``grammar.schema_to_gbnf`` holds integer and number ranges and string
+lengths, which the engines' own schema modes drop), else the engine's native schema mode, else its
+JSON mode, else prompt-and-parse. Whatever the rung, the answer is parsed (``extract_json`` copes
+with fences, prose and small slips) and validated with jsonschema, for what a grammar cannot hold.
+On a failure the model is asked again with the validation error and a new seed (a re-ask samples
+anew, it does not replay the same draw), up to ``attempts`` times; the final error carries every
+attempt so callers can record rejects. An answer cut off at ``max_tokens`` says so.
 
 Structured output sits on top of a backend, not inside it: ``generate_json(backend, ...)`` calls
 ``backend.chat``. Which modes a server or model rejected is remembered once per process
@@ -16,7 +19,8 @@ from __future__ import annotations
 import json
 import re
 import threading
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from localforge.backends.types import BackendError, Conversation, GenerationParams, Unsupported
@@ -24,7 +28,7 @@ from localforge.backends.types import BackendError, Conversation, GenerationPara
 if TYPE_CHECKING:
     from localforge.backends.base import Backend
 
-MODES = ("schema", "json", "prompt")
+MODES = ("grammar", "schema", "json", "prompt")
 
 
 class ProbeMemory:
@@ -63,8 +67,8 @@ PROBES = ProbeMemory()
 
 def structured_modes(backend: Backend) -> list[str]:
     """The structured-output ladder for ``backend``, best first; ends with "prompt"."""
-    native = [m for m, ok in (("schema", backend.capabilities.json_schema),
-                              ("json", backend.capabilities.json_mode)) if ok]
+    caps = backend.capabilities
+    native = [m for m, ok in (("grammar", caps.grammar), ("schema", caps.json_schema), ("json", caps.json_mode)) if ok]
     known_bad = PROBES.rejected(backend.identity())
     return [m for m in native if m not in known_bad] + ["prompt"]
 
@@ -79,6 +83,8 @@ class Attempt:
     mode: str
     text: str
     error: str
+    seed: int | None = None  # the seed this attempt sampled with
+    finish_reason: str = "stop"  # "length": the answer reached the token limit
 
 
 class StructuredOutputError(BackendError):
@@ -111,8 +117,12 @@ _TRAILING_COMMA = re.compile(r",(\s*[}\]])")
 def extract_json(text: str) -> Any:
     """The first JSON value in ``text``: inside a code fence, after prose, or with small slips.
 
-    Repairs only what is unambiguous: trailing commas, and Python's True/False/None outside
-    strings. Raises ``JSONExtractionError`` when there is no JSON value to find.
+    Only a complete value is taken (brackets balanced, strings respected): an answer cut off
+    part-way is an error, never completed by guessing. Within a complete value, slips are repaired:
+    by hand, trailing commas and Python's True/False/None outside strings; then by ``json_repair``
+    (when installed), single quotes, unquoted keys, missing commas, comments and stray quotes
+    inside strings. Raw control characters inside strings are accepted. Raises
+    ``JSONExtractionError`` when there is no JSON value to find.
     """
     candidates = [m.group(1) for m in _FENCE.finditer(text)] + [text]
     for chunk in candidates:
@@ -122,14 +132,38 @@ def extract_json(text: str) -> Any:
                 continue
             for attempt in (span, _repair(span)):
                 try:
-                    return json.loads(attempt)
+                    return json.loads(attempt, strict=False)
                 except json.JSONDecodeError:
                     pass
+            repaired = _library_repair(span)
+            if repaired is not None:
+                return repaired
     stripped = text.strip()
     try:
         return json.loads(stripped)  # a bare scalar ("42", "\"yes\"")
     except json.JSONDecodeError:
         raise JSONExtractionError(f"no JSON object found in the answer: {stripped[:80]!r}") from None
+
+
+def _library_repair(span: str) -> Any:
+    """``json_repair`` on one balanced span: an object or array back, or None. Not on the whole
+    answer: there it completes cut-off values (``"age": 2`` from ``"age": 25...``) and makes
+    ``""`` out of prose, which would pass for an answer."""
+    try:
+        import json_repair
+    except ImportError:
+        return None
+    try:
+        value = json_repair.loads(span)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(value, dict | list) or not value:
+        return None
+    try:  # NaN and Infinity are not JSON
+        json.dumps(value, allow_nan=False)
+    except ValueError:
+        return None
+    return value
 
 
 def _outside_strings(s: str, start: int = 0):
@@ -233,6 +267,14 @@ def _with_instruction(conversation: Conversation, schema: dict) -> Conversation:
     return conv
 
 
+def reask_seed(seed: int | None, attempt: int) -> int | None:
+    """The seed for ``attempt`` (0 is the first ask): the caller's seed first, then a new one per
+    re-ask, derived so that a run stays repeatable (and the call cache cannot replay a draw)."""
+    if attempt == 0:
+        return seed
+    return zlib.crc32(f"{seed}/{attempt}".encode()) & 0x7FFFFFFF
+
+
 def generate_json(
     backend: Backend,
     conversation: Conversation,
@@ -250,10 +292,21 @@ def generate_json(
     tried: list[Attempt] = []
     modes = structured_modes(backend)
     mode = modes.pop(0)
+    gbnf: str | None = None
     while len(tried) < attempts:
+        if mode == "grammar" and gbnf is None:
+            try:
+                gbnf = _grammar(schema_dict)
+            except Unsupported:  # this schema, not this backend: the next rung, not remembered
+                mode = modes.pop(0)
+                continue
         # "json" mode still passes the schema: engines that take it as a hint (llama.cpp) use it
-        mode_params = params.with_(
-            json_schema=schema_dict if mode in ("schema", "json") else None, json_object=mode == "json"
+        mode_params = replace(
+            params,
+            json_schema=schema_dict if mode in ("schema", "json") else None,
+            json_object=mode == "json",
+            grammar=gbnf if mode == "grammar" else None,
+            seed=reask_seed(params.seed, len(tried)),
         )
         try:
             result = backend.chat(conv, mode_params)
@@ -270,12 +323,22 @@ def generate_json(
                 raise ValueError(f"{where}: {errors[0].message}")
             return model_cls.model_validate(obj) if model_cls else obj
         except ValueError as exc:
-            tried.append(Attempt(mode, text, str(exc)))
+            cut = result.finish_reason == "length"
+            error = (f"the answer reached the token limit ({params.max_tokens} tokens) before its JSON was "
+                     f"complete: {exc}; raise max_tokens or ask for less" if cut else str(exc))
+            tried.append(Attempt(mode, text, error, mode_params.seed, result.finish_reason))
             # Re-ask with only the latest answer and its error, so the prompt does not grow.
+            why = "That answer was cut off: it is too long." if cut else f"That answer is not valid: {exc}."
             conv = first + [
                 {"role": "assistant", "content": text},
-                {"role": "user", "content": f"That answer is not valid: {exc}. {_instruction(schema_dict)}"},
+                {"role": "user", "content": f"{why} {_instruction(schema_dict)}"},
             ]
     raise StructuredOutputError(
         f"{backend.name}: no valid JSON after {attempts} attempts; last error: {tried[-1].error}", tried
     )
+
+
+def _grammar(schema: dict) -> str:
+    from localforge.backends.grammar import schema_to_gbnf
+
+    return schema_to_gbnf(schema)

@@ -62,6 +62,7 @@ class GenerationParams:
     seed: int | None = None
     json_schema: dict[str, Any] | None = None  # constrain output to this schema (native mode)
     json_object: bool = False  # ask for any JSON value (the engine's JSON mode)
+    grammar: str | None = None  # a llama.cpp grammar (GBNF) the output must follow (Capabilities.grammar)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -111,6 +112,7 @@ class Capabilities:
     batching: bool = False  # one call generates several conversations together
     json_schema: bool = False  # output can be constrained to a JSON schema (native mode)
     json_mode: bool = False  # output can be constrained to JSON of any shape
+    grammar: bool = False  # output can be constrained to a GBNF grammar (llama.cpp; a server: probed)
     parallel: int = 1  # requests it runs at once (a server's concurrency); in-process engines: 1
 
 

@@ -32,6 +32,7 @@ def extract(
     chunk_size: Annotated[int | None, typer.Option("--chunk-size", help="Tokens per chunk (default 384).", rich_help_panel=EXTRACTION)] = None,
     overlap: Annotated[int | None, typer.Option("--overlap", help="Tokens shared by neighbouring chunks (default 48).", rich_help_panel=EXTRACTION)] = None,
     cache: Annotated[bool | None, typer.Option("--cache/--no-cache", help="Reuse answers from the call cache (default on).", rich_help_panel=EXTRACTION)] = None,
+    pdf_password: Annotated[str | None, typer.Option("--pdf-password", help="The password that opens encrypted PDFs.", rich_help_panel=EXTRACTION)] = None,
     backend: common.Backend = None,
     model: Annotated[str | None, typer.Option("--model", "-m", rich_help_panel=common.MODEL_PANEL, help="A model, or SMALL,LARGE to route by document complexity.")] = None,
     base_url: common.BaseUrl = None,
@@ -45,18 +46,27 @@ def extract(
     Re-running skips finished documents. Review the result with
     `localforge extract review OUT.jsonl -o review.html`.
     """
-    from localforge.extract.pipeline import load_extract_settings
+    from localforge.extract.pipeline import (
+        check_free,
+        check_output,
+        check_paths,
+        load_extract_settings,
+    )
 
     overrides, paths = common.split_args(paths)
     flags = {"schema": ("--schema", schema), "fields": ("--fields", fields), "examples": ("--examples", examples),
              "route": ("--route", route), "temperature": ("--temperature", temperature), "passes": ("--passes", passes),
              "chunk_size": ("--chunk-size", chunk_size), "overlap": ("--overlap", overlap), "cache": ("--cache", cache),
+             "pdf_password": ("--pdf-password", pdf_password),
              **common.backend_flags(backend, model, base_url, api_key_env, timeout, concurrency)}
     if not paths:
         from localforge.errors import UsageError
 
         raise UsageError("give at least one file or folder to extract from")
     settings = load_extract_settings(config, overrides, flags)
+    check_paths([Path(p) for p in paths])  # before the progress bar is drawn: one line, nothing else
+    check_output(output)
+    check_free(output)
     raise typer.Exit(_run([Path(p) for p in paths], output, settings))
 
 
@@ -68,9 +78,10 @@ def _run(paths: list[Path], output: Path, settings) -> int:
 
     console = common.console(stderr=True)
     records = {"n": 0}
+    started = {"any": False}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console,
-                  transient=False) as bar:
+                  transient=False, disable=not console.is_terminal) as bar:  # logs get the summary alone
         docs = bar.add_task("documents", total=None, rate="")
         chunks = bar.add_task("chunks", total=0, rate="")
 
@@ -80,6 +91,7 @@ def _run(paths: list[Path], output: Path, settings) -> int:
             elif kind == "notice":
                 console.print(f"[yellow]note:[/] {data['text']}")
             elif kind == "document":
+                started["any"] = True
                 bar.update(chunks, total=bar.tasks[chunks].total + data["chunks"])
             elif kind == "chunk":
                 bar.advance(chunks)
@@ -89,10 +101,14 @@ def _run(paths: list[Path], output: Path, settings) -> int:
                     records["n"] += data["records"]
                     elapsed = bar.tasks[docs].elapsed or 1e-9
                     bar.update(docs, rate=f"{records['n'] / elapsed:.2f} records/s")
-                if kind == "failed":
+                if kind == "failed" and started["any"]:  # else the run may end in one error line
                     console.print(f"[red]failed:[/] {data['reason']}")
 
-        summary = run(paths, output, settings, on_event)
+        try:
+            summary = run(paths, output, settings, on_event)
+        except BaseException:
+            bar.live.transient = True  # the error is the one line; no half-drawn bars
+            raise
 
     table = Table(title="extract", show_header=False)
     table.add_row("documents", f"{summary.done} done, {summary.skipped} already done, {len(summary.failed)} failed")
@@ -100,6 +116,9 @@ def _run(paths: list[Path], output: Path, settings) -> int:
     table.add_row("records", f"{summary.records} -> {output}")
     table.add_row("grounded values", f"{summary.grounded}/{summary.values} ({summary.grounded_share:.0%})")
     table.add_row("rejected chunks", f"{summary.rejects}" + (f" -> {sidecar(output, 'rejects')}" if summary.rejects else ""))
+    if summary.rejected_records:
+        table.add_row("rejected records", f"{summary.rejected_records} (echoed the field names or an example) "
+                                          f"-> {sidecar(output, 'rejects')}")
     table.add_row("time", f"{summary.seconds:.1f} s")
     console.print(table)
     for path, reason in summary.failed:

@@ -12,7 +12,9 @@ Pre-fetch the full pipeline's models with docling's tool (`docling-tools models 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from importlib.util import find_spec
@@ -25,6 +27,8 @@ DOCLING_SUFFIXES = {".pdf", ".docx", ".pptx", ".html", ".htm", ".md", ".markdown
 TEXT_SUFFIXES = {".txt", ".text"}
 SUPPORTED = DOCLING_SUFFIXES | TEXT_SUFFIXES
 MAX_BYTES = 200 * 1024**2
+_KINDS = {".pdf": "PDF", ".docx": "DOCX", ".pptx": "PPTX", ".html": "HTML", ".htm": "HTML",
+          ".md": "Markdown", ".markdown": "Markdown"}
 
 
 class DocumentError(LocalforgeError):
@@ -58,10 +62,11 @@ def full_pipeline_available() -> bool:
 class Converter:
     """Converts files, reusing one docling converter and a cache keyed by content hash."""
 
-    def __init__(self, cache_dir: Path | None = None, pdf_mode: str = "auto"):
+    def __init__(self, cache_dir: Path | None = None, pdf_mode: str = "auto", pdf_password: str | None = None):
         from localforge.models import cache_dir as default_cache
 
         self.cache_dir = (cache_dir or default_cache()) / "documents"
+        self.pdf_password = pdf_password or None
         if pdf_mode == "auto":
             pdf_mode = "standard" if full_pipeline_available() else "native"
         self.pdf_mode = pdf_mode
@@ -85,18 +90,32 @@ class Converter:
             from docling.datamodel.base_models import InputFormat
             from docling.document_converter import DocumentConverter, PdfFormatOption
 
+            for name in ("docling", "docling_core", "docling_parse", "bs4"):
+                # docling logs its own account of a bad file ("Input document x is not valid."): with
+                # no logging set up Python would print it; the one-line DocumentError says it instead
+                logger = logging.getLogger(name)
+                if not logger.handlers:
+                    logger.addHandler(logging.NullHandler())
+
             options = {}
+            backend_options = None
+            if self.pdf_password:
+                from docling.datamodel.backend_options import ThreadedDoclingParseBackendOptions
+                from pydantic import SecretStr
+
+                backend_options = ThreadedDoclingParseBackendOptions(password=SecretStr(self.pdf_password))
             if self.pdf_mode == "native":
                 from docling.datamodel.pipeline_options import NativePdfPipelineOptions
                 from docling.pipeline.native_pdf_pipeline import NativePdfPipeline
 
                 options[InputFormat.PDF] = PdfFormatOption(
-                    pipeline_cls=NativePdfPipeline, pipeline_options=NativePdfPipelineOptions())
+                    pipeline_cls=NativePdfPipeline, pipeline_options=NativePdfPipelineOptions(),
+                    backend_options=backend_options)
             else:
                 from docling.datamodel.pipeline_options import PdfPipelineOptions
 
                 opts = PdfPipelineOptions(artifacts_path=os.environ.get("DOCLING_ARTIFACTS_PATH"))
-                options[InputFormat.PDF] = PdfFormatOption(pipeline_options=opts)
+                options[InputFormat.PDF] = PdfFormatOption(pipeline_options=opts, backend_options=backend_options)
             self._docling = DocumentConverter(format_options=options)
         return self._docling
 
@@ -111,6 +130,11 @@ class Converter:
             raise DocumentError(f"{path}: empty file")
         if size > MAX_BYTES:
             raise DocumentError(f"{path}: {size / 1024**2:.0f} MB is over the {MAX_BYTES // 1024**2} MB limit; split it")
+        if suffix in TEXT_SUFFIXES | {".md", ".markdown", ".html", ".htm"}:
+            with open(path, "rb") as fh:
+                head = fh.read(8192)
+            if b"\0" in head and not head.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 has NULs too
+                raise DocumentError(f"{path}: binary data, not a {_KINDS.get(suffix, 'text')} file")
         sha = sha256_file(path)
         cached = self.cache_dir / f"{sha}-{self.pdf_mode}.json"
         if cached.is_file():
@@ -131,6 +155,8 @@ class Converter:
 
     def _convert_text(self, path: Path, sha: str) -> Converted:
         raw = path.read_bytes()
+        if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+            return Converted(str(path), sha, raw.decode("utf-16", errors="replace"), [], "python", "text (UTF-16)")
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -140,17 +166,44 @@ class Converter:
             mode = "text"
         return Converted(str(path), sha, text, [], "python", mode)
 
-    def _convert_docling(self, path: Path, sha: str) -> Converted:
+    def _check_pdf(self, path: Path) -> None:
+        """Encrypted (and no or a wrong password) or not a PDF at all: say so in our words before
+        docling does in its own. pypdfium2 comes with docling's PDF support; without it docling
+        reports the failure and ``_unreadable`` words it."""
+        if find_spec("pypdfium2") is None:
+            return
+        import pypdfium2 as pdfium
+
         try:
-            result = self._converter().convert(str(path), raises_on_error=False)
+            pdfium.PdfDocument(str(path), password=self.pdf_password).close()
+        except pdfium.PdfiumError as exc:
+            if "password" in str(exc).lower():
+                if self.pdf_password:
+                    raise DocumentError(f"{path}: the PDF is encrypted and the password given (--pdf-password) "
+                                        "does not open it") from None
+                raise DocumentError(f"{path}: the PDF is encrypted; give its password with --pdf-password "
+                                    "(pdf_password in a config file)") from None
+            raise self._unreadable(path) from None
+
+    @staticmethod
+    def _unreadable(path: Path) -> DocumentError:
+        kind = _KINDS.get(path.suffix.lower(), path.suffix.lstrip(".").upper())
+        return DocumentError(f"{path}: cannot be read: corrupt or not a {kind} file")
+
+    def _convert_docling(self, path: Path, sha: str) -> Converted:
+        if path.suffix.lower() == ".pdf":
+            self._check_pdf(path)
+        try:
+            with warnings.catch_warnings():  # e.g. bs4's "Some characters could not be decoded"
+                warnings.simplefilter("ignore")
+                result = self._converter().convert(str(path), raises_on_error=False)
         except MissingDependency:
             raise
-        except Exception as exc:  # noqa: BLE001 - docling raises many kinds for bad files
-            raise DocumentError(f"{path}: cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+        except Exception:  # noqa: BLE001 - docling raises many kinds for bad files, in its own words
+            raise self._unreadable(path) from None
         status = getattr(result.status, "name", str(result.status))
         if status not in ("SUCCESS", "PARTIAL_SUCCESS"):
-            errors = "; ".join(e.error_message for e in (result.errors or []))[:160]
-            raise DocumentError(f"{path}: cannot be read ({status.lower()}{': ' + errors if errors else ''})")
+            raise self._unreadable(path)
         doc = result.document
         n_pages = doc.num_pages() if path.suffix.lower() == ".pdf" else 0
         mode = f"docling-{self.pdf_mode}" if path.suffix.lower() == ".pdf" else "docling"

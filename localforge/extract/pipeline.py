@@ -23,11 +23,12 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
+from localforge.errors import LocalforgeError, UsageError
 from localforge.extract.chunking import Chunk, chunk_text
 from localforge.extract.convert import SUPPORTED, Converted, Converter, DocumentError
 from localforge.extract.grounding import ground_record
 from localforge.extract.routing import models, parse_rule, pick
-from localforge.extract.schema import chunk_schema, load_examples, load_schema
+from localforge.extract.schema import chunk_schema, echo_of, load_examples, load_schema
 from localforge.files import write_atomic
 from localforge.settings import BackendChoice, load_settings
 
@@ -55,6 +56,7 @@ class ExtractSettings(BackendChoice):
     attempts: int = Field(3, ge=1, description="asks per chunk before it is rejected")
     cache: bool = True
     pdf_mode: Literal["auto", "native", "standard"] = "auto"
+    pdf_password: str | None = Field(None, description="opens encrypted PDFs (not part of the settings digest)")
 
     @model_validator(mode="after")
     def _resolve(self) -> ExtractSettings:
@@ -93,7 +95,8 @@ class Summary:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, one-line reason)
     chunks: int = 0
     records: int = 0
-    rejects: int = 0
+    rejects: int = 0  # chunks that failed every ask
+    rejected_records: int = 0  # records that only echoed the field names or an example
     values: int = 0
     grounded: int = 0
     seconds: float = 0.0
@@ -107,7 +110,15 @@ class Summary:
 # --- files ---------------------------------------------------------------------------------------
 
 
+def check_paths(paths: Iterable[Path]) -> None:
+    """Every path given exists (a typo stops the run before any work, in one line)."""
+    for p in map(Path, paths):
+        if not p.exists():
+            raise UsageError(f"{p}: no such file or folder")
+
+
 def discover(paths: Iterable[Path], summary: Summary) -> list[Path]:
+    check_paths(paths)
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -116,30 +127,116 @@ def discover(paths: Iterable[Path], summary: Summary) -> list[Path]:
             if not found:
                 summary.failed.append((str(p), f"no supported files in it ({', '.join(sorted(SUPPORTED))})"))
             files.extend(found)
-        elif p.is_file():
-            files.append(p)
         else:
-            summary.failed.append((str(p), "no such file or folder"))
+            files.append(p)
     return files
 
 
-# --- resume --------------------------------------------------------------------------------------
+# --- the output ----------------------------------------------------------------------------------
+
+
+class OutputBusy(LocalforgeError):
+    """Another run holds the lock on the same output."""
+
+
+def output_files(out: Path) -> list[Path]:
+    """The files a run on ``out`` writes (the lock among them)."""
+    return [out, sidecar(out, "progress"), sidecar(out, "rejects"), lock_path(out)]
+
+
+def lock_path(out: Path) -> Path:
+    """``out.jsonl`` -> ``out.lock``: held (an OS lock) while a run writes ``out``."""
+    stem = out.name[: -len(".jsonl")] if out.name.endswith(".jsonl") else out.name
+    return out.with_name(f"{stem}.lock")
+
+
+def check_output(out: Path) -> None:
+    """``-o`` must name a file that can be written (its folder may be missing: it is created):
+    a one-line ``UsageError`` naming the path otherwise, before any work or any file is made."""
+    out = Path(out)
+    if str(out).endswith(("/", os.sep)) or out.name in ("", ".", ".."):
+        raise UsageError(f"-o {out}: give a file name for the records, e.g. {out / 'records.jsonl'}")
+    for path in output_files(out):
+        if path.is_dir():
+            raise UsageError(f"-o {out}: {path} is a folder; give a file name, e.g. {path / 'records.jsonl'}")
+        if path.exists() and not os.access(path, os.W_OK):
+            raise UsageError(f"-o {out}: {path} is not writable")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"-o {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"-o {out}: cannot write in {parent} (permission denied)")
+
+
+def _output_error(out: Path, exc: OSError) -> UsageError:
+    reason = exc.strerror or type(exc).__name__
+    return UsageError(f"-o {out}: cannot write {exc.filename or out}: {reason[:1].lower() + reason[1:]}")
+
+
+def _busy(out: Path) -> OutputBusy:
+    return OutputBusy(f"-o {out}: another extract run is writing it ({lock_path(out)} is locked); "
+                      "wait for it to finish or give another -o")
+
+
+def _open_lock(out: Path) -> None:
+    """Open (or create) the lock file once: filelock would read a file it cannot open as a lock
+    held by someone else; this raises the real OSError instead."""
+    os.close(os.open(lock_path(out), os.O_RDWR | os.O_CREAT, 0o644))
+
+
+def check_free(out: Path) -> None:
+    """Refuse at once when another run holds ``out`` (its lock file exists only once a run began)."""
+    from filelock import FileLock, Timeout
+
+    if lock_path(out).is_file():
+        try:
+            _open_lock(out)
+            FileLock(lock_path(out), timeout=0).acquire().lock.release()
+        except Timeout:
+            raise _busy(out) from None
+        except OSError as exc:
+            raise _output_error(out, exc) from None
 
 
 class Ledger:
-    """The output files, and which documents they hold completely."""
+    """The output files, and which documents they hold completely. Holds an OS lock on
+    ``out.lock`` while open: a second run on the same output is refused, not interleaved."""
 
     def __init__(self, out: Path):
+        from filelock import FileLock, Timeout
+
         self.out = out
         self.progress = sidecar(out, "progress")
         self.rejects = sidecar(out, "rejects")
         self.done: set[tuple[str, str]] = set()
-        for line in _lines(self.progress):
-            self.done.add((line["sha256"], line["settings"]))
-        for path in (self.out, self.rejects):
-            _keep_only(path, lambda row: (row["_provenance"]["file_sha256"], row["_provenance"]["settings"]) in self.done)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        self._files = {p: open(p, "a", encoding="utf-8") for p in (self.out, self.rejects, self.progress)}
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            _open_lock(out)
+            lock = FileLock(lock_path(out), timeout=0)
+            try:
+                lock.acquire()
+                self._lock = lock
+            except Timeout:
+                raise _busy(out) from None
+        except OSError as exc:
+            raise _output_error(out, exc) from None
+        try:
+            for line in _lines(self.progress):
+                if isinstance(line, dict) and isinstance(line.get("sha256"), str):
+                    self.done.add((line["sha256"], str(line.get("settings"))))
+            for path in (self.out, self.rejects):
+                _keep_only(path, lambda row: (row["_provenance"]["file_sha256"], row["_provenance"]["settings"]) in self.done)
+            self._files = {}
+            for p in (self.out, self.rejects, self.progress):
+                self._files[p] = open(p, "a", encoding="utf-8")
+        except OSError as exc:
+            self.close()
+            raise _output_error(out, exc) from None
+        except BaseException:
+            self.close()
+            raise
 
     def write(self, which: Path, row: dict) -> None:
         fh = self._files[which]
@@ -155,8 +252,10 @@ class Ledger:
         self.done.add((sha, settings))
 
     def close(self) -> None:
-        for fh in self._files.values():
+        for fh in getattr(self, "_files", {}).values():
             fh.close()
+        if getattr(self, "_lock", None) is not None:
+            self._lock.release()
 
 
 def sidecar(out: Path, kind: str) -> Path:
@@ -242,22 +341,20 @@ def run(paths: Iterable[Path], out: Path, settings: ExtractSettings,
     )
 
     emit = on_event or (lambda kind, **data: None)
+    check_output(out)
+    check_free(out)
     summary = Summary()
     t0 = time.perf_counter()
     files = discover(paths, summary)
     summary.documents = len(files) + sum(1 for p, _ in summary.failed)
     emit("start", files=len(files))
     if not files:
-        summary.seconds = time.perf_counter() - t0
-        return summary
+        raise _nothing_read(summary)
 
-    converter = Converter(pdf_mode=settings.pdf_mode)
-    if any(f.suffix.lower() == ".pdf" for f in files):
-        summary.notices.append(converter.notice)
-        emit("notice", text=converter.notice)
+    converter = Converter(pdf_mode=settings.pdf_mode, pdf_password=settings.pdf_password)
     digest = settings.digest()
-    ledger = Ledger(out)
-    given = backend
+    ledger: Ledger | None = None  # opened (and locked) when the first document converts: a run
+    given = backend               # whose every file fails leaves no output files behind
     backends: dict[str, Any] = {}
 
     def backend_for(model: str):
@@ -278,6 +375,10 @@ def run(paths: Iterable[Path], out: Path, settings: ExtractSettings,
                 summary.failed.append((str(path), str(exc).removeprefix(f"{path}: ")))
                 emit("failed", path=str(path), reason=str(exc))
                 continue
+            ledger = ledger or Ledger(out)
+            if path.suffix.lower() == ".pdf" and converter.notice not in summary.notices:
+                summary.notices.append(converter.notice)  # once a PDF converted: which pipeline read it
+                emit("notice", text=converter.notice)
             if (doc.sha256, digest) in ledger.done:
                 summary.skipped += 1
                 emit("skipped", path=str(path))
@@ -306,18 +407,37 @@ def run(paths: Iterable[Path], out: Path, settings: ExtractSettings,
                     results = list(pool.map(one, tasks))
             else:
                 results = [one(t) for t in tasks]
+            errors = []
             for n_pass, chunk, records, error in results:
                 summary.chunks += 1
                 if error is not None:
                     summary.rejects += 1
+                    errors.append(error)
                     ledger.write(ledger.rejects, {
                         "chunk": chunk.index, "span": [chunk.start, chunk.end], "pass": n_pass,
                         "error": str(error), "attempts": [asdict(a) for a in getattr(error, "attempts", [])],
                         "_provenance": _provenance(doc, chunk, n_pass, backend, model, digest, prompt_hash)})
                     continue
                 for rec in records:
-                    if isinstance(rec, dict):
-                        kept.setdefault(_dedupe_key(rec), (rec, chunk, n_pass))
+                    if not isinstance(rec, dict):
+                        continue
+                    echo = echo_of(rec, settings.record_schema, settings.examples, chunk.body(doc.text))
+                    if echo:
+                        summary.rejected_records += 1
+                        ledger.write(ledger.rejects, {
+                            "chunk": chunk.index, "span": [chunk.start, chunk.end], "pass": n_pass,
+                            "error": f"a record that {echo}, not facts from the text", "record": rec,
+                            "attempts": [],
+                            "_provenance": _provenance(doc, chunk, n_pass, backend, model, digest, prompt_hash)})
+                        continue
+                    kept.setdefault(_dedupe_key(rec), (rec, chunk, n_pass))
+            if tasks and len(errors) == len(tasks):
+                # nothing was extracted: the document failed (a re-run tries it again)
+                reason = (f"every chunk was rejected ({len(tasks)}; see {ledger.rejects}); the first: "
+                          + " ".join(str(errors[0]).split())[:200])
+                summary.failed.append((str(path), reason))
+                emit("failed", path=str(path), reason=f"{path}: {reason}")
+                continue
             for rec, chunk, n_pass in kept.values():
                 grounding = ground_record(rec, doc.text, (chunk.start, chunk.end), doc.page_at)
                 summary.values += len(grounding)
@@ -329,11 +449,23 @@ def run(paths: Iterable[Path], out: Path, settings: ExtractSettings,
             summary.done += 1
             emit("done", path=str(path), records=len(kept))
     finally:
-        ledger.close()
+        if ledger is not None:
+            ledger.close()
         for be in backends.values():
             be.close()
+    if ledger is None:  # not one document could be read: nothing started, no output files
+        raise _nothing_read(summary)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _nothing_read(summary: Summary) -> DocumentError:
+    """The error of a run in which no document could be read: the first reason, and how many more."""
+    if not summary.failed:
+        return DocumentError("no files to extract from: give files or folders")
+    path, reason = summary.failed[0]
+    more = len(summary.failed) - 1
+    return DocumentError(f"{path}: {reason}" + (f" (and {more} more file{'s' if more > 1 else ''} failed)" if more else ""))
 
 
 def _params(settings: ExtractSettings, n_pass: int):

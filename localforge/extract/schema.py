@@ -76,3 +76,57 @@ def chunk_schema(record: dict, max_records: int = 8) -> dict:
     return {"type": "object",
             "properties": {"records": {"type": "array", "items": record, "maxItems": max_records}},
             "required": ["records"], "additionalProperties": False}
+
+
+# --- records that echo the request instead of the text -------------------------------------------
+
+
+def _norm(value: str) -> str:
+    return " ".join(value.replace("_", " ").replace("-", " ").strip(" \t\n\"'<>[]{}()`*:.").casefold().split())
+
+
+def _strings(value, key: str = "") -> list[tuple[str, str]]:
+    """Every string in a record (lists item by item) with the name of the field it is in."""
+    if isinstance(value, dict):
+        return [pair for k, v in value.items() for pair in _strings(v, str(k))]
+    if isinstance(value, list):
+        return [pair for v in value for pair in _strings(v, key)]
+    return [(key, value)] if isinstance(value, str) and value.strip() else []
+
+
+def _names(schema) -> set[str]:
+    """Field names (and titles) anywhere in a JSON Schema."""
+    out: set[str] = set()
+    if isinstance(schema, dict):
+        for name, sub in (schema.get("properties") or {}).items():
+            out.add(_norm(name))
+            if isinstance(sub, dict) and isinstance(sub.get("title"), str):
+                out.add(_norm(sub["title"]))
+        for sub in schema.values():
+            if isinstance(sub, dict | list):
+                out |= _names(sub)
+    elif isinstance(schema, list):
+        for sub in schema:
+            out |= _names(sub)
+    return out
+
+
+def echo_of(record: dict, schema: dict, examples: list[dict], text: str) -> str | None:
+    """Why ``record`` is an echo of the request rather than facts from ``text``, or None.
+
+    A small model asked for ``{"method", "dataset"}`` may answer ``{"method": "method", "dataset":
+    "dataset"}``, or copy the few-shot example's values. A record whose every string is a field
+    name, or whose every string is an example's value that ``text`` does not hold, is an echo.
+    Records without strings are left alone (numbers say nothing either way)."""
+    strings = _strings(record)
+    if not strings:
+        return None
+    names = _names(schema)
+    if all(_norm(v) in names or _norm(v) == _norm(k) for k, v in strings):
+        return "repeats the field names"
+    if examples:
+        shown = {_norm(v) for ex in examples for _, v in _strings(ex.get("records", []))}
+        here = " ".join(text.casefold().split())
+        if all(_norm(v) in shown and " ".join(v.casefold().split()) not in here for _, v in strings):
+            return "repeats the example's values"
+    return None

@@ -79,6 +79,8 @@ def _blocks(text: str) -> list[_Block]:
     headings: list[tuple[int, str]] = []
     for m in re.finditer(r"[^\n]+(?:\n(?!\n)[^\n]+)*", text):  # runs of non-blank lines
         para, base = m.group(0), m.start()
+        if not para.strip():
+            continue  # only spaces: nothing to ask about
         lines = para.split("\n")
         if all(line.lstrip().startswith("|") for line in lines):
             offset = base

@@ -226,7 +226,7 @@ def test_settings_from_a_config_file_with_overrides(tmp_path):
     (["--fields", "a:str", "chunk_size=8"], 1, "error: config key 'chunk_size': input should be greater than or equal to 16"),
     ([], 1, "error: give exactly one of --schema (a JSON Schema file or module:Class) and --fields"),
     (["--fields", "a:str", "--model", "a,b,c"], 1, "error: --model 'a,b,c': give one model, or a small and a large"),
-    (["--fields", "a:str", "--backend", "nope"], 1, "error: unknown backend 'nope': choose one of auto, mlx, torch"),
+    (["--fields", "a:str", "--backend", "nope"], 2, "unknown backend 'nope': choose one of auto, mlx, torch"),
     (["--config", "missing.yaml"], 1, "error: missing.yaml: no such config file"),
     (["--fields", "a:str", "--backend", "torch", "--base-url", "http://x"], 1,
      "error: --base-url is for server backends; backend 'torch' runs in-process"),

@@ -21,7 +21,7 @@ def extract(
     paths: Annotated[list[str], typer.Argument(
         help="Files or folders (PDF, DOCX, PPTX, HTML, Markdown, text); key=value arguments override settings.",
         metavar="PATH... [KEY=VALUE]...")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="The JSONL file to write (appended; resumable).")] = Path("records.jsonl"),
+    output: Annotated[str, typer.Option("--output", "-o", help="The JSONL file to write (appended; resumable; its folder is created).")] = "records.jsonl",
     config: Annotated[Path | None, typer.Option("--config", "-c", help="A YAML file of extraction settings (the keys below, and schema, fields, examples).")] = None,
     schema: Annotated[str | None, typer.Option("--schema", help="A JSON Schema file for one record, or module:Class (pydantic).", rich_help_panel=EXTRACTION)] = None,
     fields: Annotated[str | None, typer.Option("--fields", help='Inline fields: "title:str, release:str, frequency_mhz:float".', rich_help_panel=EXTRACTION)] = None,
@@ -65,9 +65,9 @@ def extract(
         raise UsageError("give at least one file or folder to extract from")
     settings = load_extract_settings(config, overrides, flags)
     check_paths([Path(p) for p in paths])  # before the progress bar is drawn: one line, nothing else
-    check_output(output)
-    check_free(output)
-    raise typer.Exit(_run([Path(p) for p in paths], output, settings))
+    check_output(output)  # the text as given: "out/" is a folder meant, not a file
+    check_free(Path(output))
+    raise typer.Exit(_run([Path(p) for p in paths], Path(output), settings))
 
 
 def _run(paths: list[Path], output: Path, settings) -> int:

@@ -150,11 +150,11 @@ def lock_path(out: Path) -> Path:
     return out.with_name(f"{stem}.lock")
 
 
-def check_output(out: Path) -> None:
+def check_output(out: str | Path) -> None:
     """``-o`` must name a file that can be written (its folder may be missing: it is created):
     a one-line ``UsageError`` naming the path otherwise, before any work or any file is made."""
-    out = Path(out)
-    if str(out).endswith(("/", os.sep)) or out.name in ("", ".", ".."):
+    given, out = str(out), Path(out)
+    if not given.strip() or given.endswith(("/", os.sep)) or out.name in ("", ".", ".."):
         raise UsageError(f"-o {out}: give a file name for the records, e.g. {out / 'records.jsonl'}")
     for path in output_files(out):
         if path.is_dir():

@@ -12,6 +12,19 @@ from pathlib import Path
 from localforge.errors import ConfigError
 from localforge.jsonfiles import check_json_schema, read_json
 
+
+def _read(path: str | Path, flag: str):
+    """``read_json`` with the cases it does not word: a folder, a file that is not UTF-8 text."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{flag} {p}: a folder, not a JSON file")
+    try:
+        return read_json(p, flag)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{flag} {p}: not a UTF-8 text file (expected JSON)") from None
+    except OSError as exc:
+        raise ConfigError(f"{flag} {p}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+
 _TYPES = {"str": "string", "string": "string", "int": "integer", "integer": "integer",
           "float": "number", "number": "number", "bool": "boolean", "boolean": "boolean",
           "list[str]": "array"}
@@ -43,7 +56,7 @@ def load_schema(schema: str | dict | None = None, fields: str | None = None) -> 
     if isinstance(schema, dict):
         data, schema = schema, "(inline)"
     elif (path := Path(schema)).suffix == ".json" or path.exists():
-        data = read_json(path, "--schema")
+        data = _read(path, "--schema")
     elif ":" in schema:
         module, _, name = schema.partition(":")
         try:
@@ -63,7 +76,7 @@ def load_examples(examples: str | Path | list | None) -> list[dict]:
     """Few-shot examples: a JSON file (``--examples``) or, in a config file, the list itself."""
     if not examples:
         return []
-    data = examples if isinstance(examples, list) else read_json(examples, "--examples")
+    data = examples if isinstance(examples, list) else _read(examples, "--examples")
     if not isinstance(data, list) or not all(isinstance(e, dict) and {"text", "records"} <= set(e) for e in data):
         raise ConfigError(f'--examples {examples if not isinstance(examples, list) else "(inline)"}: '
                           'expected a list of {"text": ..., "records": [...]}')

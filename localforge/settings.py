@@ -172,7 +172,8 @@ def load_settings(model: type[M], path: str | Path | None = None, overrides: Seq
         beside = Path(path).parent
         for field in getattr(model, "PATHS", ()):
             value = data.get(field)
-            if isinstance(value, str) and field not in given and not Path(value).expanduser().is_absolute() \
+            if isinstance(value, str) and value.strip() and field not in given \
+                    and not Path(value).expanduser().is_absolute() \
                     and (beside / value).exists():
                 data[field] = str(beside / value)
     try:

@@ -11,6 +11,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -22,8 +23,19 @@ from localforge.models import DEFAULT_MODEL
 from localforge.settings import load_settings
 
 Auto = Literal["auto"]
+
+
+def _no_bool(value):
+    # YAML reads yes/no/true/false as booleans, which pydantic would take as 1 and 0
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {str(value).lower()}")
+    return value
+
+
 # every number has its range here, so a bad value is refused (naming its key) before any work
-Count = Annotated[int, Field(ge=1)]  # a whole number, 1 or more
+Int = Annotated[int, BeforeValidator(_no_bool)]
+Float = Annotated[float, BeforeValidator(_no_bool)]
+Count = Annotated[Int, Field(ge=1)]  # a whole number, 1 or more
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 SEED_MAX = 2**32 - 1  # numpy's seeds are unsigned 32-bit
 
@@ -31,9 +43,9 @@ SEED_MAX = 2**32 - 1  # numpy's seeds are unsigned 32-bit
 class LoraConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    rank: Annotated[int, Field(ge=1, le=4096)] | Auto = Field(8, description="LoRA rank, or auto (chosen by the planner)")
-    alpha: float = Field(16.0, gt=0, allow_inf_nan=False, description="LoRA scale numerator (0 would train nothing)")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    rank: Annotated[Int, Field(ge=1, le=4096)] | Auto = Field(8, description="LoRA rank, or auto (chosen by the planner)")
+    alpha: Float = Field(16.0, gt=0, allow_inf_nan=False, description="LoRA scale numerator (0 would train nothing)")
+    dropout: Float = Field(0.0, ge=0.0, lt=1.0)
     targets: list[Name] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1,
                                 description="the model's linear layers to adapt (checked against the model)")
     layers: Count | Auto | None = Field(None, description="adapt only the last N layers (None: all; at most the model's)")
@@ -48,25 +60,25 @@ class FinetuneConfig(BaseModel):
     method: Literal["lora", "dora", "full"] = "lora"
     lora: LoraConfig = Field(default_factory=LoraConfig)
     backend: str = Field("auto", description="auto, or an engine that trains (see `localforge doctor`)")
-    steps: int | None = Field(None, ge=1)
-    epochs: float | None = Field(None, gt=0, allow_inf_nan=False)
+    steps: Int | None = Field(None, ge=1)
+    epochs: Float | None = Field(None, gt=0, allow_inf_nan=False)
     batch_size: Count | Auto = "auto"
     grad_accum: Count | Auto = "auto"
-    learning_rate: float = Field(2e-4, gt=0, allow_inf_nan=False)
+    learning_rate: Float = Field(2e-4, gt=0, allow_inf_nan=False)
     lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
-    max_seq_length: int = Field(512, ge=16, description="at most the model's context (checked against the model)")
+    warmup_steps: Int = Field(0, ge=0)
+    max_seq_length: Int = Field(512, ge=16, description="at most the model's context (checked against the model)")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool | Auto = "auto"
     mask_prompt: bool = True  # train on completions only
     packing: bool = False
-    seed: int = Field(0, ge=0, le=SEED_MAX)
-    eval_every: int = Field(50, ge=1)
-    eval_batches: int | None = Field(None, ge=1, description="cap on validation batches per evaluation")
-    save_every: int = Field(50, ge=1)
-    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept; older ones are deleted")
-    weight_decay: float = Field(0.0, ge=0.0, allow_inf_nan=False)
-    max_grad_norm: float | None = Field(1.0, gt=0, allow_inf_nan=False)
+    seed: Int = Field(0, ge=0, le=SEED_MAX)
+    eval_every: Int = Field(50, ge=1)
+    eval_batches: Int | None = Field(None, ge=1, description="cap on validation batches per evaluation")
+    save_every: Int = Field(50, ge=1)
+    keep_checkpoints: Int = Field(2, ge=1, description="newest checkpoints kept; older ones are deleted")
+    weight_decay: Float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    max_grad_norm: Float | None = Field(1.0, gt=0, allow_inf_nan=False)
     num_processes: Count | Auto = Field("auto", description="training processes (accelerate launch); auto: one per GPU")
     output_dir: Name = "runs/run"
 

@@ -105,6 +105,7 @@ class RunDir:
         self.adapter = self.path / "adapter"  # a LoRA/DoRA run's output
         self.model = self.path / "model"  # a full run's output: a model folder (weights, config, tokenizer)
         self.checkpoints = self.path / "checkpoints"
+        self.created: Path | None = None  # the topmost folder a start made for this run (``discard`` removes it)
 
     def exists(self) -> bool:
         return self.info.exists()
@@ -113,10 +114,10 @@ class RunDir:
         """Whether training has done a step here (a start that failed before one leaves nothing to resume)."""
         return bool(self.metrics.exists() and self.metrics.read_text().strip()) or bool(self.checkpoint_dirs())
 
-    def discard(self, made: bool = True) -> None:
-        """Remove what a start wrote: the whole folder when the start made it, else only the run's files."""
-        if made:
-            shutil.rmtree(self.path, ignore_errors=True)
+    def discard(self) -> None:
+        """Remove what a start wrote: the folders it made (``created``, the topmost), else the run's files."""
+        if self.created is not None:
+            shutil.rmtree(self.created, ignore_errors=True)
             return
         for f in (self.config, self.info, self.metrics, self.manifest, self.plot):
             f.unlink(missing_ok=True)
@@ -173,6 +174,9 @@ def prepare(config_path: str | Path | None, overrides: list[str] = (), flags: di
     from localforge.models import resolve
 
     cfg = load_config(config_path, overrides, flags)
+    if not Path(cfg.data).expanduser().exists():
+        raise key_error("data", f"{cfg.data} does not exist: give a JSONL file or a folder with train.jsonl",
+                        config_path, overrides, flags)
     cfg.data = str(Path(cfg.data).expanduser().resolve())
     data = load_data(cfg.data)
     model_path = ensure_hf(resolve(cfg.model))
@@ -209,7 +213,10 @@ def start(config_path: str | Path | None, overrides: list[str] = (), flags: dict
     if run.exists():
         raise ConfigError(f"{run.path} already holds a run: continue it with `localforge finetune resume "
                           f"{run.path}`, or set output_dir to a new folder")
-    made = not run.path.exists()
+    if not run.path.exists():
+        run.created = run.path
+        while not run.created.parent.exists():
+            run.created = run.created.parent
     try:
         run.path.mkdir(parents=True, exist_ok=True)
         run.config.write_text(yaml.safe_dump(_as_run(cfg, p), sort_keys=False))
@@ -217,7 +224,7 @@ def start(config_path: str | Path | None, overrides: list[str] = (), flags: dict
                               "data_files": {s: {"path": f, "sha256": sha256_file(f)} for s, f in data.files.items()},
                               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     except OSError as exc:
-        run.discard(made)
+        run.discard()
         raise ConfigError(f"output_dir {run.path}: cannot write the run folder ({exc.strerror or exc})") from None
     return run, prepared
 

@@ -24,7 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from localforge.backends.training import IGNORE, PLAIN_HEADS, Batch, TrainSetup
+from localforge.backends.training import (
+    IGNORE,
+    PLAIN_HEADS,
+    Batch,
+    TrainSetup,
+    read_checkpoint_file,
+)
 from localforge.errors import ConfigError
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -203,7 +209,30 @@ class MLXTrainer:
             self.model.train()
 
     def export(self, out: Path) -> dict[str, Any]:
+        """The adapter in mlx-lm's format; for a full run a model folder (weights, config,
+        tokenizer) that ``--model`` loads on any engine."""
         out = Path(out)
+        if self.setup.method == "full":
+            return self._export_model(out)
+        self._write_adapter(out)
+        return {"kind": "adapter", "format": "mlx", "path": str(out), "method": self.setup.method,
+                "trainable_params": self.trainable_params}
+
+    def _export_model(self, out: Path) -> dict[str, Any]:
+        import shutil
+
+        from mlx_lm.utils import save_model
+
+        save_model(out, self.model)
+        src = Path(self.setup.model_path)
+        for name in ("config.json", "generation_config.json"):
+            if (src / name).is_file():
+                shutil.copy(src / name, out / name)
+        self.tokenizer.save_pretrained(out)
+        return {"kind": "model", "format": "hf", "path": str(out), "method": "full",
+                "trainable_params": self.trainable_params}
+
+    def _write_adapter(self, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
         s = self.setup
         self.mx.save_safetensors(str(out / "adapters.safetensors"), dict(self._trainable()))
@@ -213,12 +242,11 @@ class MLXTrainer:
             config |= {"lora_parameters": self.lora_parameters, "rank": s.rank, "alpha": s.alpha,
                        "targets": list(s.targets)}
         (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        return {"format": "mlx", "path": str(out), "method": s.method, "trainable_params": self.trainable_params}
 
     def save(self, folder: Path) -> None:
         from mlx.utils import tree_flatten
 
-        self.export(folder)
+        self._write_adapter(Path(folder))  # the trained weights (all of them for a full run)
         self.optimizer.init(self.model.trainable_parameters())  # no-op once the first step has run
         self.mx.save_safetensors(str(Path(folder) / "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
 
@@ -226,15 +254,17 @@ class MLXTrainer:
         from mlx.utils import tree_map_with_path
 
         mx, src = self.mx, Path(src)
-        weights = mx.load(str(src / "adapters.safetensors"))
+        weights = read_checkpoint_file(src / "adapters.safetensors", lambda f: mx.load(str(f)))
         expected = {k for k, _ in self._trainable()}
         if set(weights) != expected:
             raise ConfigError(f"{src}: the saved adapter does not match this run's method, targets or layers: "
                               f"resume with the settings it was trained with")
-        self.model.load_weights(list(weights.items()), strict=False)
-        saved = mx.load(str(src / "optimizer.safetensors"))
+        read_checkpoint_file(src / "adapters.safetensors",
+                             lambda _: self.model.load_weights(list(weights.items()), strict=False))
+        saved = read_checkpoint_file(src / "optimizer.safetensors", lambda f: mx.load(str(f)))
         self.optimizer.init(self.model.trainable_parameters())
-        self.optimizer.state = tree_map_with_path(lambda path, _: saved[path], self.optimizer.state)
+        read_checkpoint_file(src / "optimizer.safetensors", lambda _: setattr(
+            self.optimizer, "state", tree_map_with_path(lambda path, _: saved[path], self.optimizer.state)))
         mx.eval(self.model.parameters(), self.optimizer.state)
 
     def sync(self, flag: bool) -> bool:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -215,3 +216,30 @@ def ollama_server(backend, models=(f"{ALIAS}:latest",)):
             self._send(200, {**final, **piece})
 
     return serve(Handler)
+
+
+def grammar_dropping_proxy(upstream: str):
+    """Forwards to ``upstream`` without the ``grammar`` field, as an OpenAI-compatible server that
+    does not know it (LM Studio, vLLM) would: answers come back unconstrained."""
+    seen: list[dict] = []
+
+    class Handler(_Handler):
+        def do_GET(self):
+            with urllib.request.urlopen(upstream + urlsplit(self.path).path.removeprefix("/v1"), timeout=30) as r:
+                self._send(r.status, r.read())
+
+        def do_POST(self):
+            body = self._body()
+            seen.append(dict(body))
+            body.pop("grammar", None)
+            path = urlsplit(self.path).path.removeprefix("/v1")
+            req = urllib.request.Request(upstream + path, data=json.dumps(body).encode(),
+                                         headers={"content-type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=120) as r:
+                    self._send(r.status, r.read())
+            except urllib.error.HTTPError as exc:
+                self._send(exc.code, exc.read())
+
+    server, url = serve(Handler)
+    return server, url + "/v1", seen

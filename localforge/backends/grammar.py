@@ -166,7 +166,7 @@ def as_gbnf(pattern: list[list[Atom]]) -> str:
     def seq(atoms: list[Atom]) -> str:
         parts: list[str] = []
         for lo, hi, m, n in _compress(atoms):
-            if lo == hi and (m, n) == (1, 1) and parts and parts[-1].startswith('"'):
+            if lo == hi and (m, n) == (1, 1) and parts and parts[-1].endswith('"'):
                 parts[-1] = parts[-1][:-1] + lo + '"'  # digits, "-" and "." need no escape
             elif lo == hi:
                 parts.append(f'"{lo}"{_count(m, n)}')

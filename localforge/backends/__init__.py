@@ -87,7 +87,8 @@ def get_backend(name: str = "auto", model: str | None = None, *, cache: Any = No
 
 
 def check_server_options(name: str, base_url: str | None) -> None:
-    """A server URL given to ``auto`` or to an in-process backend is a one-line error."""
+    """A server URL given to ``auto`` or to an in-process backend, or one that is not a URL
+    (``ht!tp://x``; a bare ``host:port`` is taken as ``http://host:port``), is a one-line error."""
     if not base_url:
         return
     if name == "auto":
@@ -95,6 +96,9 @@ def check_server_options(name: str, base_url: str | None) -> None:
         raise ConfigError(f"--base-url needs a server backend: --backend {' or '.join(servers)}")
     if not spec(name).server:
         raise ConfigError(f"--base-url is for server backends; backend '{name}' runs in-process")
+    from localforge.backends.server import normalize_url
+
+    normalize_url(base_url, "--base-url")
 
 
 def resolve_auto(model: str, adapter: bool = False) -> str:

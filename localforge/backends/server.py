@@ -8,6 +8,7 @@ concurrency limit; every call goes through the endpoint's retries and circuit br
 from __future__ import annotations
 
 import os
+import re
 from abc import abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -25,7 +26,41 @@ from localforge.backends.types import (
     Unsupported,
     first_line,
 )
+from localforge.errors import ConfigError, UsageError
 from localforge.models import resolve
+
+_LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?$")
+
+
+def normalize_url(url: str, where: str = "--base-url") -> str:
+    """A server URL as the clients take it: ``http://`` added to a bare ``host:port[/path]``;
+    anything else that is not an http(s) URL with a host is a one-line error naming ``where``
+    (a ``UsageError`` for a flag, a ``ConfigError`` for an environment variable)."""
+    from urllib.parse import urlsplit
+
+    text = url.strip()
+    full = text if "://" in text else f"http://{text}"
+    why = ""
+    try:
+        parts = urlsplit(full)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number in range
+        host = parts.hostname or ""
+    except ValueError as exc:
+        parts, host, why = None, "", str(exc)
+    if parts is not None:
+        if parts.scheme.lower() not in ("http", "https"):
+            why = f"it starts with '{full.split('://')[0]}://', not http:// or https://"
+        elif not host:
+            why = "no host"
+        elif any(ch.isspace() for ch in text):
+            why = "it contains spaces"
+        elif ":" not in host and not all(_LABEL.match(label) for label in host.rstrip(".").split(".")):
+            why = f"'{host}' is not a host name"
+    if why:
+        error = UsageError if where.startswith("--") else ConfigError
+        raise error(f"{where} {url!r} is not a server URL ({why}): give http://HOST:PORT/PATH, "
+                    "e.g. http://localhost:8080/v1")
+    return full.rstrip("/")
 
 
 class ServerBackend(Backend):
@@ -42,7 +77,10 @@ class ServerBackend(Backend):
         **options: Any,
     ):
         super().__init__(model, **options)
-        self.base_url = (base_url or (self.url_env and os.environ.get(self.url_env)) or self.default_url).rstrip("/")
+        from_env = (self.url_env and os.environ.get(self.url_env)) or None
+        given = base_url or from_env
+        self.base_url = normalize_url(given, "--base-url" if base_url else f"${self.url_env}") if given \
+            else self.default_url.rstrip("/")
         self.timeout = float(timeout)
         # The registry reads server names (``ollama:TAG``, repo ids, served names); an alias or a
         # locally cached repo id is sent as written. "" lists models without naming one.

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from localforge.errors import LocalforgeError
+from localforge.errors import ConfigError, LocalforgeError
 
 Message = dict[str, str]
 Conversation = list[Message]
@@ -40,7 +40,7 @@ class Unsupported(BackendError):
     """The backend cannot do what was asked (a parameter, a capability)."""
 
 
-class RequestTooLarge(BackendError):
+class RequestTooLarge(BackendError, ConfigError):
     """The conversation and max_tokens do not fit the model's context window."""
 
 
@@ -149,6 +149,34 @@ def truncate_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     """Cut ``text`` at the earliest stop string; return the text and whether one was found."""
     cut = min((i for s in stop if s and (i := text.find(s)) >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+
+
+def context_length(config: Any) -> int | None:
+    """A model's context length from its config (a transformers config object or a config.json dict)."""
+    for key in CONTEXT_KEYS:
+        value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def fit_to_context(backend: str, model: str, prompt_lengths: Sequence[int], max_tokens: int,
+                   context: int | None) -> int:
+    """Refuse a prompt that does not fit the context (before any work, as llama.cpp does: past it
+    a model writes garbage); else the max_tokens that fit after the longest prompt (at least 1)."""
+    if context is None:
+        return max_tokens
+    for i, n in enumerate(prompt_lengths):
+        if n >= context:
+            which = f"conversation {i}'s prompt" if len(prompt_lengths) > 1 else "the prompt"
+            raise RequestTooLarge(
+                f"{backend}: {which} is {n} tokens and {model} has a context of {context} tokens: "
+                "use shorter input (or a smaller chunk_size), or a model with a longer context"
+            )
+    return max(1, min(max_tokens, context - max(prompt_lengths, default=0)))
 
 
 def first_line(exc: BaseException) -> str:

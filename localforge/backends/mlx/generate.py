@@ -17,6 +17,8 @@ from localforge.backends.types import (
     Conversation,
     GenerationParams,
     Timer,
+    context_length,
+    fit_to_context,
     truncate_at_stop,
 )
 from localforge.models import resolve
@@ -50,6 +52,7 @@ class MLXBackend(Backend):
             from localforge.adapters import misfit
 
             raise misfit(adapter, model, exc) from None
+        self.context_length = context_length(_read_config(path))
 
     def prompt_ids(self, conv: Conversation) -> list[int]:
         text = self.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
@@ -64,6 +67,9 @@ class MLXBackend(Backend):
         if params.seed is not None:
             self._mx.random.seed(params.seed)
         prompts = [self.prompt_ids(c) for c in conversations]
+        max_tokens = fit_to_context(self.name, self.model_name, [len(p) for p in prompts], params.max_tokens,
+                                    self.context_length)
+        params = params.with_(max_tokens=max_tokens)
         if len(prompts) == 1:
             return [self._stream_one(prompts[0], params)]
         return self._batch(prompts, params)
@@ -103,3 +109,13 @@ class MLXBackend(Backend):
 
     def close(self) -> None:
         self.model = None
+
+
+def _read_config(path) -> dict:
+    import json
+    from pathlib import Path
+
+    try:
+        return json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}

@@ -13,6 +13,8 @@ from localforge.backends.types import (
     Conversation,
     GenerationParams,
     Timer,
+    context_length,
+    fit_to_context,
     truncate_at_stop,
 )
 from localforge.errors import MissingDependency
@@ -115,6 +117,7 @@ class TorchBackend(Backend):
                     self.model = PeftModel.from_pretrained(self.model, str(adapter_dir)).to(self.device).eval()
             except (RuntimeError, ValueError, KeyError) as exc:
                 raise misfit(adapter, model, exc) from None
+        self.context_length = context_length(self.model.config)
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.eos_ids.add(self.tokenizer.eos_token_id)
@@ -126,9 +129,12 @@ class TorchBackend(Backend):
     def generate(self, conversations: list[Conversation], params: GenerationParams) -> list[ChatResult]:
         torch = self._torch
         prompts = [self.prompt_text(c) for c in conversations]
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        lengths = enc["attention_mask"].sum(dim=1).tolist()
+        max_new = fit_to_context(self.name, self.model_name, lengths, params.max_tokens, self.context_length)
+        enc = enc.to(self.device)
         kwargs: dict[str, Any] = dict(
-            max_new_tokens=params.max_tokens,
+            max_new_tokens=max_new,
             pad_token_id=self.tokenizer.pad_token_id,
             do_sample=not params.greedy,
         )

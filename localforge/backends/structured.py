@@ -132,7 +132,7 @@ def extract_json(text: str) -> Any:
                 continue
             for attempt in (span, _repair(span)):
                 try:
-                    return json.loads(attempt, strict=False)
+                    return json.loads(attempt, strict=False, parse_constant=_not_json)
                 except json.JSONDecodeError:
                     pass
             repaired = _library_repair(span)
@@ -140,9 +140,13 @@ def extract_json(text: str) -> Any:
                 return repaired
     stripped = text.strip()
     try:
-        return json.loads(stripped)  # a bare scalar ("42", "\"yes\"")
+        return json.loads(stripped, parse_constant=_not_json)  # a bare scalar ("42", "\"yes\"")
     except json.JSONDecodeError:
         raise JSONExtractionError(f"no JSON object found in the answer: {stripped[:80]!r}") from None
+
+
+def _not_json(name: str) -> Any:
+    raise json.JSONDecodeError(f"{name} is not a JSON value", name, 0)
 
 
 def _library_repair(span: str) -> Any:

@@ -312,12 +312,12 @@ def _engine(cfg: FinetuneConfig, model_path: str) -> tuple[Trainer, tuple[str, .
     return load(spec.trainer)(_setup(cfg, model_path)), spec.packages
 
 
-def _resume(run: RunDir, trainer: Trainer, main: bool) -> tuple[int, str | None]:
-    """Load the newest checkpoint into the engine, if there is one; the step to continue from.
-    A checkpoint that cannot be read back is ``CorruptCheckpoint`` naming the file, in one line."""
+def _checkpoint_state(run: RunDir) -> tuple[Path, int, str] | None:
+    """The newest checkpoint, its step and what to do if it is damaged; None without one. Its
+    ``trainer_state.json`` is read here, before the engine loads (a bad one fails at once)."""
     ckpt = run.latest()
     if ckpt is None:
-        return 0, None
+        return None
     older = run.checkpoint_dirs()[:-1]
     hint = (f"delete {ckpt} to resume from {older[-1].name}" if older
             else f"delete {ckpt} to train this run again from the start")
@@ -325,6 +325,15 @@ def _resume(run: RunDir, trainer: Trainer, main: bool) -> tuple[int, str | None]
     step = _read_json(state_file, hint).get("step")
     if not isinstance(step, int) or isinstance(step, bool) or step < 1:
         raise CorruptFile(state_file, f"no step number (got {step!r})", hint)
+    return ckpt, step, hint
+
+
+def _resume(run: RunDir, trainer: Trainer, main: bool, state: tuple[Path, int, str] | None) -> tuple[int, str | None]:
+    """Load the newest checkpoint into the engine, if there is one; the step to continue from.
+    A checkpoint that cannot be read back is ``CorruptCheckpoint`` naming the file, in one line."""
+    if state is None:
+        return 0, None
+    ckpt, step, hint = state
     engine = run.engine_dir(ckpt)
     try:
         trainer.load(engine)
@@ -392,6 +401,7 @@ def _mark(run: RunDir, status: str, reason: str) -> None:
 def _session(run: RunDir, cfg: FinetuneConfig, info: dict, on_event: Events | None, stop_after: int | None) -> dict:
     from localforge.finetune.batches import input_tokens, learned_tokens
 
+    state = _checkpoint_state(run)
     trainer, packages = _engine(cfg, info["model_path"])
     try:
         data = _tokenized(cfg, trainer.tokenizer)
@@ -404,7 +414,7 @@ def _session(run: RunDir, cfg: FinetuneConfig, info: dict, on_event: Events | No
             if on_event is not None and main:
                 on_event(kind, **event)
 
-        step, resumed_from = _resume(run, trainer, main)
+        step, resumed_from = _resume(run, trainer, main, state)
         history = read_metrics(run.metrics)
         began, train_seconds, tokens_seen = time.time(), 0.0, 0
 

@@ -109,3 +109,22 @@ class City(BaseModel):
 def test_native_schema_on_llamacpp_in_process_returns_a_model(llamacpp_backend):
     out = generate_json(llamacpp_backend, [{"role": "user", "content": "What is the capital of France?"}], City)
     assert isinstance(out, City) and out.city
+
+
+@pytest.mark.parametrize("text, want", [
+    ("{'name': 'Ann', 'age': 31}", {"name": "Ann", "age": 31}),
+    ('{name: "Ann", age: 31}', {"name": "Ann", "age": 31}),
+    ('{"name": "Ann" "age": 31}', {"name": "Ann", "age": 31}),
+    ('{"name": "Ann", /* c */ "age": 31}', {"name": "Ann", "age": 31}),
+    ('{"quote": "She said "hi" twice"}', {"quote": 'She said "hi" twice'}),
+    ('{"text": "line one\nline two"}', {"text": "line one\nline two"}),  # a raw newline in a string
+])
+def test_slips_inside_a_complete_answer_are_repaired(text, want):
+    assert extract_json(text) == want
+
+
+@pytest.mark.parametrize("text", ['{"name": "Bob", "age": 2', '{"tags": ["a", "b"', '{"name": "Bo',
+                                  "The answer is five.", '{"x": NaN}', "Infinity"])
+def test_cut_off_answers_prose_and_nan_are_refused_not_guessed(text):
+    with pytest.raises(JSONExtractionError):
+        extract_json(text)

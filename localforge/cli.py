@@ -52,6 +52,8 @@ def main() -> None:
         if os.environ.get("LOCALFORGE_DEBUG"):
             raise
         _fail(f"unexpected {type(exc).__name__}: {exc} (set LOCALFORGE_DEBUG=1 for the traceback)", 1)
+    if code == 130:  # typer turns Ctrl-C inside a command into a silent exit code 130
+        _fail("interrupted", 130)
     sys.exit(code if isinstance(code, int) else 0)
 
 

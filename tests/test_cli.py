@@ -65,3 +65,21 @@ def test_help_lists_the_commands():
     assert out.returncode == 0
     for cmd in ("doctor", "generate", "models"):
         assert cmd in out.stdout
+
+
+def test_ctrl_c_exits_130_with_one_line(smol):
+    """Ctrl-C while a model generates: exit code 130 and `error: interrupted`, whenever it lands."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "localforge", "generate", "Tell a very long story.",
+                             "--backend", "llamacpp", "--max-tokens", "4000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(4)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (proc.returncode, err)
+    assert err.strip() == "error: interrupted" and out == ""

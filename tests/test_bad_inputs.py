@@ -187,6 +187,9 @@ VALUES = [
     (["generate", "hi", "--model", "{notes}"], "is not a .gguf file"),
     (["generate", "hi", "--json-schema", "{notes}"], "--json-schema"),
     (["generate", "hi", "--json-schema", "{nowhere}"], "--json-schema"),
+    (["generate", "hi", "--json-schema", "{folder}"], "is a folder"),
+    (["generate", "hi", "--json-schema", "{latin1}"], "not UTF-8"),
+    (["generate", "hi", "--json-schema", "{notschema}"], "not a valid JSON Schema"),
     (["models", "show", "{nowhere}"], "does not exist"),
     (["models", "list", "--backend", "torch"], "torch"),
     (["adapters", "convert", "{nowhere}", "--to", "peft", "-o", "{out}"], "is not a folder"),
@@ -195,7 +198,10 @@ VALUES = [
 
 @pytest.mark.parametrize("args, named", VALUES, ids=[" ".join(v[0]) for v in VALUES])
 def test_bad_values_name_the_file(bad, tmp_path, args, named):
-    paths = {"notes": bad / "notes.txt", "nowhere": bad / "nowhere.gguf", "out": tmp_path / "out"}
+    (tmp_path / "latin1.json").write_bytes('{"title": "caf\u00e9"}'.encode("latin-1"))
+    (tmp_path / "notschema.json").write_text('{"type": "thing"}')
+    paths = {"notes": bad / "notes.txt", "nowhere": bad / "nowhere.gguf", "out": tmp_path / "out",
+             "folder": bad, "latin1": tmp_path / "latin1.json", "notschema": tmp_path / "notschema.json"}
     code, out, err = run(*[a.format(**paths) for a in args])
     assert_one_line(code, err, 1, named)
     assert not (tmp_path / "out").exists()

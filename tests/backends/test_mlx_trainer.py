@@ -126,7 +126,7 @@ def test_gradient_checkpointing_gives_the_same_step(tiny_llama, data):
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "full"])
-def test_saved_adapter_loads_in_mlx_lm(tiny_llama, data, tmp_path, method):
+def test_saved_adapter_or_model_loads_in_mlx_lm(tiny_llama, data, tmp_path, method):
     import json
 
     import mlx.core as mx
@@ -141,10 +141,15 @@ def test_saved_adapter_loads_in_mlx_lm(tiny_llama, data, tmp_path, method):
     for i in range(2):
         t.step(i, [batch], 1e-2, batch.tokens)
     info = t.export(tmp_path)
-    assert info["format"] == "mlx" and info["trainable_params"] == t.trainable_params
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert config["fine_tune_type"] == method and config["num_layers"] == 1
-    loaded, _ = mlx_lm.load(tiny_llama, model_config=model_config(tiny_llama), adapter_path=str(tmp_path))
+    assert info["trainable_params"] == t.trainable_params
+    if method == "full":  # a model folder (weights, config, tokenizer), loaded like any model
+        assert (info["kind"], info["format"]) == ("model", "hf") and (tmp_path / "tokenizer.json").exists()
+        loaded, _ = mlx_lm.load(str(tmp_path), model_config=model_config(str(tmp_path)))
+    else:
+        assert (info["kind"], info["format"]) == ("adapter", "mlx")
+        config = json.loads((tmp_path / "adapter_config.json").read_text())
+        assert config["fine_tune_type"] == method and config["num_layers"] == 1
+        loaded, _ = mlx_lm.load(tiny_llama, model_config=model_config(tiny_llama), adapter_path=str(tmp_path))
     ids = mx.array(batch.input_ids)
     t.model.eval()
     expected = np.array(t.model(ids))

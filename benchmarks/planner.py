@@ -12,6 +12,9 @@ tokens (no padding), grad_accum 1 and gradient checkpointing left to the planner
   memory. Auto resolves to one of the sweep's configurations (checked), so its runs and the
   sweep's runs of that batch are pooled; the auto runs alone are reported beside.
 
+Every run passes ``--force``: the sweep measures batches whose predicted peak exceeds the budget
+too (without it `finetune` refuses them before any work).
+
 Rounds run every configuration in alternating order; tokens/s is the median step over all
 rounds, the peak the highest. One thread per run by default, as in benchmarks/finetune.py: on
 a shared 2-core VM two threads collapse whenever another process takes a core.
@@ -37,7 +40,7 @@ PLAN_KEYS = ("backend", "dtype", "batch_size", "grad_accum", "gradient_checkpoin
 
 
 def dry_run(cfg: Path, env: dict) -> dict:
-    out = subprocess.run([sys.executable, "-m", "localforge", "finetune", str(cfg), "--dry-run", "--json"],
+    out = subprocess.run([sys.executable, "-m", "localforge", "finetune", str(cfg), "--dry-run", "--json", "--force"],
                          capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"dry run failed: {out.stderr.strip()[-2000:]}")
@@ -47,7 +50,7 @@ def dry_run(cfg: Path, env: dict) -> dict:
 def real_run(cfg: Path, out: Path, env: dict, log: Path) -> dict:
     from finetune import run_process
 
-    proc = run_process([sys.executable, "-m", "localforge", "finetune", str(cfg), "--backend", "torch",
+    proc = run_process([sys.executable, "-m", "localforge", "finetune", str(cfg), "--backend", "torch", "--force",
                         "--no-progress"], env, log)
     result = {"rc": proc["rc"], "wall_s": round(proc["wall_s"], 1), "process_peak_rss_bytes": proc["peak_rss_bytes"]}
     if proc["rc"] != 0:

@@ -79,3 +79,27 @@ def test_a_model_without_paths_or_backend():
         n: int = 1
 
     assert load_settings(Plain, None, ["n=7"]).n == 7
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["passes=0"], "override 'passes=0': config key 'passes': input should be greater than or equal to 1, got 0"),
+    (["passes=2", "passes=-1"], "override 'passes=-1': config key 'passes'"),  # the one that won
+    (["concurrency=0"], "override 'concurrency=0': config key 'concurrency'"),
+    (["timeout=0", "passes=2"], "override 'timeout=0': config key 'timeout'"),
+])
+def test_a_bad_override_is_named_not_the_file(tmp_path, overrides, message):
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("passes: 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(Job, cfg, overrides)
+    assert str(info.value).startswith(message) and "job.yaml" not in str(info.value)
+
+
+def test_key_error_names_where_a_value_came_from(tmp_path):
+    from localforge.settings import key_error
+
+    where = {"path": tmp_path / "job.yaml", "overrides": ["nested.depth=9"], "flags": {"passes": ("--passes", 3)}}
+    assert isinstance(key_error("passes", "too many", **where), UsageError)
+    assert str(key_error("passes", "too many", **where)) == "--passes: too many"
+    assert str(key_error("nested.depth", "too deep", **where)).startswith("override 'nested.depth=9': config key")
+    assert str(key_error("data", "gone", **where)) == f"{tmp_path / 'job.yaml'}: config key 'data': gone"

@@ -21,6 +21,18 @@ def main(argv: list[str] | None = None) -> None:
     except LocalforgeError as exc:
         sys.stderr.write(f"error: {str(exc).splitlines()[0]}\n")
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        sys.exit(130)
+    except Exception as exc:  # as cli.main does: one line (the run's manifest records it as failed)
+        import os
+
+        if os.environ.get("LOCALFORGE_DEBUG"):
+            raise
+        lines = str(exc).strip().splitlines()
+        sys.stderr.write(f"error: unexpected {type(exc).__name__}{': ' + lines[0] if lines else ''} "
+                         f"(set LOCALFORGE_DEBUG=1 for the traceback)\n")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

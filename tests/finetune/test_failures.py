@@ -157,3 +157,21 @@ def test_deleting_the_damaged_checkpoint_as_told_resumes_from_the_one_before(sto
         train(run.path)
     shutil.rmtree(run.latest())
     assert train(run.path)["status"] == "completed"
+
+
+@pytest.mark.parametrize("backend, file", [("torch", "engine/model.safetensors"), ("torch", "engine/optimizer.pt"),
+                                           ("mlx", "engine/adapters.safetensors"),
+                                           ("mlx", "engine/optimizer.safetensors")])
+def test_a_corrupt_full_or_mlx_checkpoint_is_one_line(project, backend, file):
+    if backend == "mlx":
+        pytest.importorskip("mlx.core")
+    method = "full" if backend == "torch" else "lora"
+    run, _ = start(project / "config.yaml", [f"backend={backend}", f"method={method}", "steps=4"])
+    with pytest.raises(TrainingInterrupted):
+        train(run.path, stop_after=3)
+    target = run.latest() / file
+    _truncated(target)
+    with pytest.raises(ConfigError) as info:
+        train(run.path)
+    assert str(info.value).startswith(f"corrupt or unreadable: {target}") and "\n" not in str(info.value)
+    assert json.loads(run.manifest.read_text())["status"] == "failed"

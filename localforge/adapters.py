@@ -76,6 +76,9 @@ def detect(path: str | Path) -> str:
     folder = Path(path)
     if not folder.is_dir():
         raise ConfigError(f"adapter '{folder}' is not a folder: expected {EXPECTED}")
+    if not (folder / CONFIG).is_file() and (folder / "config.json").is_file():
+        raise ConfigError(f"{folder} is a model folder (a full fine-tune or a fused model), not an adapter: "
+                          f"pass it as --model {folder}")
     cfg = _read_config(folder)
     if "peft_type" in cfg:
         fmt = "peft"

@@ -139,7 +139,7 @@ ADAPTERS = [
     ("adapter-config-list", CORRUPT), ("adapter-config-unknown", "neither 'peft_type'"),
     ("adapter-weights-random", CORRUPT), ("adapter-weights-empty", CORRUPT),
     ("adapter-weights-cut", CORRUPT), ("adapter-no-weights", "without adapter_model.safetensors"),
-    ("nowhere", "is not a folder"),
+    ("nowhere", "is not a folder"), ("config-empty", "is a model folder"),
 ]
 
 

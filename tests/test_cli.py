@@ -83,3 +83,17 @@ def test_ctrl_c_exits_130_with_one_line(smol):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, (proc.returncode, err)
     assert err.strip() == "error: interrupted" and out == ""
+
+
+def test_mlx_on_linux_says_it_is_slow():
+    """doctor's detail and the command that runs it say, once, that MLX on a Linux CPU is slow."""
+    import platform
+
+    if platform.system() != "Linux":
+        pytest.skip("the caveat is about MLX on a Linux CPU")
+    data = json.loads(run_cli("doctor", "--json").stdout)
+    assert "slow" in data["backends"]["mlx"]["reason"] and "slow" not in data["backends"]["torch"]["reason"]
+    done = run_cli("generate", "hi", "--backend", "mlx", "--max-tokens", "2")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("note: MLX on a Linux CPU (mlx[cpu]) is slow") == 1, done.stderr
+    assert "note:" not in run_cli("generate", "hi", "--backend", "llamacpp", "--max-tokens", "2").stderr

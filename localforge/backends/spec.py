@@ -35,6 +35,9 @@ class EngineSpec:
     multi_process: bool = False  # trains in several processes (accelerate launch)
     runtime_bytes: dict[str, int] = field(default_factory=dict)  # per device: memory the runtime holds
     packages: tuple[str, ...] = ()  # distributions whose versions a run manifest records
+    # per OS ("linux", "darwin", as hardware.HardwareProfile.os): what users should know before
+    # picking it there; doctor shows it and a command that runs the engine says it once
+    caveats: dict[str, str] = field(default_factory=dict)
 
     @property
     def trains(self) -> bool:

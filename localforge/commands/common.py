@@ -75,6 +75,23 @@ def backend_flags(backend: str | None, model: str | None, base_url: str | None, 
             "concurrency": ("--concurrency", concurrency)}
 
 
+def engine_note(name: str | None) -> None:
+    """Say once, on stderr, what a user should know about running ``name`` on this OS (its spec's
+    caveat), when the user picked it."""
+    if not name or name == "auto":
+        return
+    import platform
+
+    from localforge.backends.registry import REGISTRY
+
+    spec = REGISTRY.get(name)
+    caveat = spec.caveats.get(platform.system().lower()) if spec else None
+    if caveat:
+        from rich.markup import escape
+
+        console(stderr=True).print(f"[yellow]note:[/] {escape(caveat)}", highlight=False)
+
+
 def split_args(args: list[str]) -> tuple[list[str], list[str]]:
     """Positional arguments as (``key=value`` overrides, the rest)."""
     from localforge.settings import is_override

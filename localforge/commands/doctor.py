@@ -37,6 +37,8 @@ def report() -> dict[str, Any]:
         ok, reason = availability(name)
         if ok and spec.server:
             reason = "client installed; a local server answers" if name in servers else reason
+        if ok and spec.caveats.get(profile.os):
+            reason = f"{reason}; {spec.caveats[profile.os]}"
         backends[name] = {"available": ok, "reason": reason, "runs_on": spec.runs_on, "extra": spec.extra,
                           "trains": list(spec.methods), "multi_process": spec.multi_process,
                           "loads_adapters": spec.adapters}

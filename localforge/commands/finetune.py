@@ -56,6 +56,7 @@ def finetune(
             _plan_table(cfg, shape.params, p, data)
         return
     run, prepared = start(config, list(ctx.args), flags, force=force)
+    common.engine_note(prepared.plan.backend)
     try:
         _plan_table(prepared.cfg, prepared.shape.params, prepared.plan, prepared.data, stderr=True)
         _train(run.path, prepared.plan.processes, launch, progress)

@@ -48,6 +48,7 @@ def generate(
         {"role": "user", "content": prompt}
     ]
     backend, model = backend or "auto", model or DEFAULT_MODEL
+    common.engine_note(backend)
     # A spinner on a terminal while the model loads (the first use of a GGUF on torch or mlx
     # converts it once, about 20 s for SmolLM2-135M); nothing when stderr is not a terminal.
     with common.console(stderr=True).status(f"loading {model} ({backend}) ...", spinner="dots"):

@@ -6,9 +6,8 @@ through it can still write ``"age": 250``. ``schema_to_gbnf`` uses that converte
 
 - integers with ``minimum``/``maximum``/``exclusiveMinimum``/``exclusiveMaximum``: exactly the
   integers in the range (digit by digit, the way a regex for a range is built);
-- numbers with ranges: an integer part in the range and up to 15 decimals, no exponent. Exact for
-  whole-number bounds; with fractional bounds the first and last unit may overshoot a little
-  (``1.2 .. 2.2`` lets ``1.1`` through), which the caller's jsonschema validation catches;
+- numbers with ranges (exclusive bounds too): whole or with up to 15 decimals, no exponent,
+  digit by digit, so exactly the decimals in the range;
 - strings without raw control characters (JSON forbids them; the stock ``char`` rule allows them).
 
 What a grammar cannot hold (``multipleOf``, formats it does not know, ``uniqueItems``) is left to
@@ -83,27 +82,30 @@ def int_range(lo: int | None, hi: int | None) -> list[list[Atom]]:
     return out
 
 
-def _fraction(a: str, b: str | None, n: int, at_least_one: bool) -> list[list[Atom]]:
+def _fraction(a: str, b: str | None, n: int, at_least_one: bool, gt: bool = False,
+              lt: bool = False) -> list[list[Atom]]:
     """Digit strings f of length 0..n (1..n with ``at_least_one``) with 0.a <= 0.f <= 0.b
-    (``b`` None: no upper bound below 1)."""
+    (``gt``/``lt``: strictly; ``b`` None: no upper bound below 1)."""
     a = a.rstrip("0")
     b = None if b is None else b.rstrip("0")
     out: list[list[Atom]] = []
-    if not a and not at_least_one:
-        out.append([])  # the empty rest: 0.a is 0
+    if not at_least_one and not a and not gt and not (b == "" and lt):
+        out.append([])  # the empty rest: the value 0 fits
     if n == 0:
         return out
-    if not a and b is None:
+    if b == "":  # the upper bound is 0: only zeros can fit
+        return out if (a or gt or lt) else out + [[("0", "0", 1, n)]]
+    if not a and not gt and b is None:
         return out + [[("0", "9", 1, n)]]
-    if b == "":  # only zeros fit under 0.0
-        return [] if a else out + [[("0", "0", 1, n)]]
     a0, b0 = (a[0] if a else "0"), (b[0] if b is not None else "9")
     if a0 == b0:
-        return out + [[_lit(a0), *r] for r in _fraction(a[1:], None if b is None else b[1:], n - 1, False)]
-    out += [[_lit(a0), *r] for r in _fraction(a[1:], None, n - 1, False)]
+        rest = _fraction(a[1:], None if b is None else b[1:], n - 1, False, gt, lt and b is not None)
+        return out + [[_lit(a0), *r] for r in rest]
+    out += [[_lit(a0), *r] for r in _fraction(a[1:], None, n - 1, False, gt)]
     if chr(ord(a0) + 1) <= chr(ord(b0) - 1):
         out.append([(chr(ord(a0) + 1), chr(ord(b0) - 1), 1, 1)] + ([("0", "9", 0, n - 1)] if n > 1 else []))
-    out += [[_lit(b0), *r] for r in _fraction("", None if b is None else b[1:], n - 1, False)]
+    out += [[_lit(b0), *r] for r in _fraction("", None if b is None else b[1:], n - 1, False, False,
+                                              lt and b is not None)]
     return out
 
 
@@ -113,35 +115,42 @@ def _split(v: float) -> tuple[int, str]:
     return int(whole), frac
 
 
-def _decimals(lo: float, hi: float | None) -> list[list[Atom]]:
-    """Non-negative decimals k.f (at least one digit after the point) from ``lo`` to ``hi``."""
-    k_lo, f_lo = _split(lo)
+def _decimals(lo: float, hi: float | None, lo_x: bool, hi_x: bool) -> list[list[Atom]]:
+    """Non-negative decimals k.f (at least one digit after the point) from ``lo`` to ``hi``
+    (``lo_x``/``hi_x``: bounds excluded)."""
     n = FRACTION[3]
-    frac = lambda a, b: [[_lit("."), *f] for f in _fraction(a, b, n, True)]  # noqa: E731
+
+    def unit(k: int, a: str, b: str | None, gt: bool, lt: bool) -> list[list[Atom]]:
+        return [[*whole, _lit("."), *f] for whole in _naturals(k, k) for f in _fraction(a, b, n, True, gt, lt)]
+
+    k_lo, f_lo = _split(lo)
     if hi is None:
-        return ([[*k, *f] for k in _naturals(k_lo, k_lo) for f in frac(f_lo, None)]
-                + [[*k, *f] for k in _naturals(k_lo + 1, None) for f in frac("", None)])
+        return unit(k_lo, f_lo, None, lo_x, False) + [
+            [*k, _lit("."), ("0", "9", 1, n)] for k in _naturals(k_lo + 1, None)]
     k_hi, f_hi = _split(hi)
     if k_lo == k_hi:
-        return [[*k, *f] for k in _naturals(k_lo, k_lo) for f in frac(f_lo, f_hi)]
-    out = [[*k, *f] for k in _naturals(k_lo, k_lo) for f in frac(f_lo, None)]
+        return unit(k_lo, f_lo, f_hi, lo_x, hi_x)
+    out = unit(k_lo, f_lo, None, lo_x, False)
     if k_lo + 1 <= k_hi - 1:
-        out += [[*k, *f] for k in _naturals(k_lo + 1, k_hi - 1) for f in frac("", None)]
-    return out + [[*k, *f] for k in _naturals(k_hi, k_hi) for f in frac("", f_hi)]
+        out += [[*k, _lit("."), ("0", "9", 1, n)] for k in _naturals(k_lo + 1, k_hi - 1)]
+    return out + unit(k_hi, "", f_hi, False, hi_x)
 
 
-def number_range(lo: float | None, hi: float | None) -> list[list[Atom]]:
-    """Numbers from ``lo`` to ``hi`` (inclusive; None is unbounded), whole or with up to 15
-    decimals, no exponent: exactly those whose decimal digits lie in the range."""
-    whole_lo = math.ceil(lo) if lo is not None else None
-    whole_hi = math.floor(hi) if hi is not None else None
+def number_range(lo: float | None, hi: float | None, lo_x: bool = False, hi_x: bool = False) -> list[list[Atom]]:
+    """Numbers from ``lo`` to ``hi`` (None is unbounded; ``lo_x``/``hi_x``: that bound excluded),
+    whole or with up to 15 decimals, no exponent: exactly those whose digits lie in the range."""
+    whole_lo = None if lo is None else int(lo) + 1 if lo_x and lo == int(lo) else math.ceil(lo)
+    whole_hi = None if hi is None else int(hi) - 1 if hi_x and hi == int(hi) else math.floor(hi)
     out: list[list[Atom]] = []
     if whole_lo is None or whole_hi is None or whole_lo <= whole_hi:
         out += int_range(whole_lo, whole_hi)
-    if hi is None or hi >= 0:
-        out += _decimals(max(lo, 0) if lo is not None else 0, hi)
+    if hi is None or hi > 0 or (hi == 0 and not hi_x):
+        nonneg = lo is not None and lo >= 0
+        out += _decimals(lo if nonneg else 0, hi, lo_x and nonneg, hi_x)
     if lo is None or lo < 0:  # -m for magnitudes m from max(-hi, 0) to -lo
-        out += [[_lit("-"), *seq] for seq in _decimals(max(-hi, 0) if hi is not None else 0, -lo if lo is not None else None)]
+        nonpos = hi is not None and hi <= 0
+        out += [[_lit("-"), *seq] for seq in _decimals(-hi if nonpos else 0, None if lo is None else -lo,
+                                                       hi_x and nonpos, lo_x)]
     if not out:
         raise ValueError(f"no number lies between {lo} and {hi}")
     return out
@@ -188,19 +197,26 @@ def as_regex(pattern: list[list[Atom]]) -> str:
     return "(?:" + "|".join(seq(s) for s in pattern) + ")"
 
 
-def _bounds(schema: dict, integer: bool) -> tuple[Any, Any]:
+def _bounds(schema: dict) -> tuple[Any, Any, bool, bool]:
+    """(low, high, low excluded, high excluded) from minimum/maximum/exclusiveMinimum/exclusiveMaximum
+    (draft 4's boolean exclusives too); the tighter bound wins, excluded on a tie."""
     lo, hi = schema.get("minimum"), schema.get("maximum")
     xlo, xhi = schema.get("exclusiveMinimum"), schema.get("exclusiveMaximum")
-    if isinstance(xlo, bool) or isinstance(xhi, bool):  # draft 4: booleans beside minimum/maximum
-        xlo, lo = (lo, None) if xlo is True else (None, lo)
-        xhi, hi = (hi, None) if xhi is True else (None, hi)
-    if integer:
-        los = [math.ceil(v) for v in (lo,) if v is not None] + [math.floor(v) + 1 for v in (xlo,) if v is not None]
-        his = [math.floor(v) for v in (hi,) if v is not None] + [math.ceil(v) - 1 for v in (xhi,) if v is not None]
-    else:  # an exclusive bound is held as inclusive here; validation refuses the bound itself
-        los = [v for v in (lo, xlo) if v is not None]
-        his = [v for v in (hi, xhi) if v is not None]
-    return (max(los) if los else None), (min(his) if his else None)
+    if isinstance(xlo, bool):
+        xlo, lo = (lo, None) if xlo else (None, lo)
+    if isinstance(xhi, bool):
+        xhi, hi = (hi, None) if xhi else (None, hi)
+    los = [(v, x) for v, x in ((lo, False), (xlo, True)) if v is not None]
+    his = [(v, x) for v, x in ((hi, False), (xhi, True)) if v is not None]
+    low = max(los, key=lambda p: (p[0], p[1])) if los else (None, False)
+    high = min(his, key=lambda p: (p[0], not p[1])) if his else (None, False)
+    return low[0], high[0], low[1], high[1]
+
+
+def _int_bounds(lo: Any, hi: Any, lo_x: bool, hi_x: bool) -> tuple[int | None, int | None]:
+    low = None if lo is None else math.floor(lo) + 1 if lo_x else math.ceil(lo)
+    high = None if hi is None else math.ceil(hi) - 1 if hi_x else math.floor(hi)
+    return low, high
 
 
 RANGE_KEYS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
@@ -224,8 +240,9 @@ def schema_to_gbnf(schema: dict) -> str:
                 return self._add_rule(rule_name, " | ".join(alts))
             if kind in ("integer", "number") and any(k in schema for k in RANGE_KEYS) \
                     and not any(k in schema for k in ("enum", "const", "$ref", "anyOf", "oneOf")):
-                lo, hi = _bounds(schema, kind == "integer")
-                pattern = int_range(lo, hi) if kind == "integer" else number_range(lo, hi)
+                lo, hi, lo_x, hi_x = _bounds(schema)
+                pattern = (int_range(*_int_bounds(lo, hi, lo_x, hi_x)) if kind == "integer"
+                           else number_range(lo, hi, lo_x, hi_x))
                 return self._add_rule(rule_name, as_gbnf(pattern) + " space")
             return super().visit(schema, name)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from decimal import Decimal
 
 import jsonschema
 import pytest
@@ -55,32 +56,39 @@ def test_integer_range_is_exact(lo, hi, probes):
 decimal_bounds = st.one_of(st.none(), st.decimals(-1000, 1000, places=3).map(float))
 
 
-@settings(max_examples=300, deadline=None)
-@given(decimal_bounds, decimal_bounds, st.lists(st.decimals(-1200, 1200, places=4), min_size=1, max_size=30))
-def test_number_range_is_exact_on_decimals(lo, hi, probes):
+@settings(max_examples=400, deadline=None)
+@given(decimal_bounds, decimal_bounds, st.booleans(), st.booleans(),
+       st.lists(st.decimals(-1200, 1200, places=4), min_size=1, max_size=30))
+def test_number_range_is_exact_on_decimals(lo, hi, lo_x, hi_x, probes):
     if lo is not None and hi is not None and lo > hi:
         lo, hi = hi, lo
-    rx = re.compile(as_regex(number_range(lo, hi)))
-    for d in probes:
-        text = f"{d:f}".rstrip("0").rstrip(".") if "." in f"{d:f}" else f"{d:f}"
-        if text in ("-0", ""):
-            continue
-        value = float(text)
-        inside = (lo is None or value >= lo) and (hi is None or value <= hi)
-        assert bool(rx.fullmatch(text)) == inside, (lo, hi, text)
-    for v in (lo, hi):  # the bounds themselves, whole or decimal
-        if v is not None and v != 0:
-            assert rx.fullmatch(f"{v:.3f}".rstrip("0").rstrip(".")), (lo, hi, v)
+    try:
+        rx = re.compile(as_regex(number_range(lo, hi, lo_x, hi_x)))
+    except ValueError:  # an empty range (lo == hi, one side excluded)
+        assert lo == hi and (lo_x or hi_x)
+        return
+    near = [Decimal(str(v)) + d for v in (lo, hi) if v is not None
+            for d in (Decimal("-0.001"), Decimal(0), Decimal("0.0001"), Decimal(1))]
+    for d in probes + near:
+        for text in {f"{d:f}", f"{d:f}".rstrip("0").rstrip(".") if "." in f"{d:f}" else f"{d:f}"}:
+            if text in ("-0", "") or text.startswith("-0") and Decimal(text) == 0:
+                continue
+            value = Decimal(text)
+            inside = ((lo is None or value > Decimal(str(lo)) or (value == Decimal(str(lo)) and not lo_x))
+                      and (hi is None or value < Decimal(str(hi)) or (value == Decimal(str(hi)) and not hi_x)))
+            assert bool(rx.fullmatch(text)) == inside, (lo, hi, lo_x, hi_x, text)
 
 
 @settings(max_examples=150, deadline=None)
-@given(decimal_bounds, decimal_bounds, st.booleans())
-def test_every_range_rule_parses_in_llama_cpp(lo, hi, integer):
+@given(decimal_bounds, decimal_bounds, st.booleans(), st.booleans(), st.booleans())
+def test_every_range_rule_parses_in_llama_cpp(lo, hi, integer, lo_x, hi_x):
     if lo is not None and hi is not None and lo > hi:
         lo, hi = hi, lo
     if integer:
         lo, hi = (None if v is None else round(v) for v in (lo, hi))
-    pattern = int_range(lo, hi) if integer else number_range(lo, hi)
+    if lo is not None and lo == hi:
+        lo_x = hi_x = False
+    pattern = int_range(lo, hi) if integer else number_range(lo, hi, lo_x, hi_x)
     check_gbnf(f"root ::= {as_gbnf(pattern)}")
 
 
@@ -282,3 +290,16 @@ def test_a_real_answer_cut_at_the_token_limit_says_so(llamacpp_backend):
                       GenerationParams(max_tokens=4, temperature=0.7, seed=1))
     assert "the answer reached the token limit (4 tokens)" in str(info.value)
     assert all(a.finish_reason == "length" for a in info.value.attempts)
+
+
+@pytest.mark.parametrize("schema, want", [
+    ({"type": "integer", "exclusiveMinimum": -3, "exclusiveMaximum": 3}, int_range(-2, 2)),
+    ({"type": "integer", "minimum": 1.5, "maximum": 4.5}, int_range(2, 4)),
+    ({"type": "integer", "minimum": 0, "exclusiveMinimum": 0, "maximum": 9}, int_range(1, 9)),
+    ({"type": "integer", "minimum": 5, "exclusiveMaximum": True, "maximum": 10}, int_range(5, 9)),  # draft 4
+    ({"type": "number", "minimum": 0, "exclusiveMaximum": 1}, number_range(0, 1, False, True)),
+    ({"type": "number", "exclusiveMinimum": 0.5, "maximum": 2}, number_range(0.5, 2, True, False)),
+])
+def test_the_root_rule_is_the_range(schema, want):
+    root = next(line for line in schema_to_gbnf(schema).splitlines() if line.startswith("root ::="))
+    assert root == f"root ::= {as_gbnf(want)} space"

@@ -19,7 +19,7 @@ from localforge.backends import (
 )
 from localforge.backends.cache import CallCache
 from localforge.backends.resilience import CircuitOpen, Endpoint
-from localforge.backends.structured import StructuredOutputError
+from localforge.backends.structured import PROBES, StructuredOutputError
 from tests.helpers import MESSAGES, run_cli
 from tests.servers import (
     ALIAS,
@@ -64,12 +64,14 @@ def test_batch_runs_in_parallel_and_keeps_order(llama_server):
     assert [b.text for b in batch] == [s.text for s in single]
 
 
-def test_json_schema_with_ranges_the_server_does_not_enforce(llama_server):
-    """llama.cpp's server rejects response_format json_schema (HTTP 500) and ignores integer
-    ranges: the ladder falls to json_object+schema, and validation catches the range."""
+def test_without_the_grammar_rung_the_ladder_falls_from_schema_to_json(llama_server):
+    """llama.cpp's server rejects response_format json_schema (HTTP 500) and its JSON mode ignores
+    integer ranges: with the grammar rung set aside, the ladder falls to json_object+schema, and
+    validation catches the range."""
     with get_backend("openai", ALIAS, base_url=llama_server.url) as be:
         forget_probes(be)  # other tests may have probed this server already
-        assert structured_modes(be) == ["schema", "json", "prompt"]
+        assert structured_modes(be) == ["grammar", "schema", "json", "prompt"]
+        PROBES.reject(be.identity(), "grammar")
         try:
             obj = generate_json(be, [{"role": "user", "content": "Invent a person."}], PERSON, attempts=4)
             assert 18 <= obj["age"] <= 99
@@ -77,6 +79,7 @@ def test_json_schema_with_ranges_the_server_does_not_enforce(llama_server):
             assert all(a.mode == "json" for a in exc.attempts)
             assert any("age" in a.error for a in exc.attempts)
         assert structured_modes(be) == ["json", "prompt"]  # the probe is remembered
+        forget_probes(be)
 
 
 def test_json_schema_cli(llama_server, tmp_path):

@@ -86,9 +86,11 @@ def get_backend(name: str = "auto", model: str | None = None, *, cache: Any = No
     return with_cache(backend_class(name)(model, **options), cache)
 
 
-def check_server_options(name: str, base_url: str | None) -> None:
+def check_server_options(name: str, base_url: str | None, where: str = "--base-url") -> None:
     """A server URL given to ``auto`` or to an in-process backend, or one that is not a URL
-    (``ht!tp://x``; a bare ``host:port`` is taken as ``http://host:port``), is a one-line error."""
+    (``ht!tp://x``; a bare ``host:port`` is taken as ``http://host:port``), is a one-line error.
+    ``where`` names the URL's source: a flag (``--base-url``, a ``UsageError``) or a config key
+    (``base_url in FILE``, a ``ConfigError``)."""
     if not base_url:
         return
     if name == "auto":
@@ -98,7 +100,7 @@ def check_server_options(name: str, base_url: str | None) -> None:
         raise ConfigError(f"--base-url is for server backends; backend '{name}' runs in-process")
     from localforge.backends.server import normalize_url
 
-    normalize_url(base_url, "--base-url")
+    normalize_url(base_url, where)
 
 
 def resolve_auto(model: str, adapter: bool = False) -> str:

@@ -170,3 +170,12 @@ def test_generate_with_a_corrupt_gguf_is_one_line(monkeypatch, capsys, smol, tmp
     path = _corrupt(kind, smol.gguf_path, tmp_path)
     code, _, err = cli(monkeypatch, capsys, "generate", "hi", "--backend", "llamacpp", "--model", path)
     assert_one_line(code, err, 1, f"corrupt or unreadable: {path}")
+
+
+def test_a_bad_url_from_a_config_key_is_a_config_error_naming_it():
+    from localforge.backends import check_server_options
+
+    with pytest.raises(ConfigError) as info:
+        check_server_options("openai", "ht!tp://x", "base_url in extract.yaml")
+    assert not isinstance(info.value, UsageError)
+    assert str(info.value).startswith("base_url in extract.yaml 'ht!tp://x' is not a server URL")

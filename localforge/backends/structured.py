@@ -16,6 +16,7 @@ Structured output sits on top of a backend, not inside it: ``generate_json(backe
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
@@ -343,6 +344,12 @@ def generate_json(
 
 
 def _grammar(schema: dict) -> str:
+    """The grammar for ``schema``, built once per schema (an extraction asks with one schema many times)."""
+    return _grammar_of(json.dumps(schema, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=64)
+def _grammar_of(schema_json: str) -> str:
     from localforge.backends.grammar import schema_to_gbnf
 
-    return schema_to_gbnf(schema)
+    return schema_to_gbnf(json.loads(schema_json))

@@ -88,14 +88,20 @@ def test_server_run_writes_valid_grounded_records_and_resumes(llama_server, docs
     assert again.skipped == 3 and again.done == 0 and out.read_text() == before
 
 
-def test_torch_backend_run(docs, tmp_path, smol):
+def test_torch_backend_run(tmp_path, smol):
+    """The torch backend end to end. It has no grammar or JSON mode, so SmolLM2-135M gets one
+    few-shot example (without it, it answers this prompt with Python code and every chunk is
+    rejected: that run fails, as test_outcomes checks)."""
     out = tmp_path / "out.jsonl"
+    example = {"text": "The Kestrel X2 camera is made by Ardent Optics.",
+               "records": [{"name": "Kestrel X2", "detail": "camera made by Ardent Optics"}]}
     settings = ExtractSettings(schema=parse_fields(FIELDS), backend="torch", model="smollm2-135m",
-                               max_tokens=120, attempts=2, cache=False)
-    summary = run([docs / "table_01.html"], out, settings)
-    assert summary.done == 1 and summary.failed == []
+                               max_tokens=120, attempts=2, cache=False, examples=[example])
+    summary = run([Path(__file__).parents[2] / "examples" / "radio_spec.md"], out, settings)
+    assert summary.done == 1 and summary.failed == [] and summary.records >= 1
     rows = _rows(out)
-    assert all(r["_provenance"]["backend"] == "torch" for r in rows)
+    assert rows and all(r["_provenance"]["backend"] == "torch" for r in rows)
+    assert summary.grounded >= 1
     check_grounding(rows)
 
 

@@ -35,6 +35,32 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subpro
     )
 
 
+def cli_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """``localforge ARGS`` in this process, through ``cli.main`` as the console script runs it (the
+    bad-input sweeps use this: no process start per case): (exit code, stdout, stderr)."""
+    import pytest
+
+    from localforge.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["localforge", *args])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main()
+    out = capsys.readouterr()
+    return int(exited.value.code or 0), out.out, out.err
+
+
+def assert_one_line(code: int, err: str, want_code: int, *named: str) -> None:
+    """The contract for bad input: the exit code, one line on stderr that starts with "error: ",
+    no traceback, no "unexpected", and every ``named`` thing in that line."""
+    lines = err.strip().splitlines()
+    assert code == want_code, (code, err)
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err and "unexpected" not in err, err
+    for name in named:
+        assert name in lines[0], (name, err)
+
+
 # Training rows in every format (chat, prompt/completion, text), for the fine-tuning tests.
 TRAIN_ROWS = [
     {"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},

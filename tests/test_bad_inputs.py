@@ -2,54 +2,22 @@
 line on stderr that names the culprit, the documented exit code (2 for a bad flag, 1 for a bad
 file or value), no traceback, no "unexpected", and nothing written where nothing started.
 
-The commands run in this interpreter through ``cli.main`` (the same code path as the console
-script, minus a process start), so the sweep stays cheap; tests/test_cli.py runs real processes.
+The commands run in this interpreter through ``cli.main`` (``tests.helpers.cli_main``: the same code
+path as the console script, minus a process start), so the sweep stays cheap; tests/test_cli.py runs real processes.
 The files are real: random bytes, empty files, a truncated copy of the bundled GGUF, a truncated
 copy of a real safetensors file.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 import struct
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import MODEL
-
-
-def run(*args: str) -> tuple[int, str, str]:
-    """``localforge ARGS`` through ``cli.main``: (exit code, stdout, stderr)."""
-    from localforge import cli
-
-    out, err = io.StringIO(), io.StringIO()
-    argv = sys.argv
-    sys.argv = ["localforge", *args]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                cli.main()
-                code = 0
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = argv
-    return code, out.getvalue(), err.getvalue()
-
-
-def assert_one_line(code: int, err: str, want_code: int, *named: str) -> None:
-    lines = err.strip().splitlines()
-    assert code == want_code, (code, err)
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err and "unexpected" not in err, err
-    for name in named:
-        assert name in err, (name, err)
-
+from tests.helpers import MODEL, assert_one_line, cli_main
 
 # --- the files ---------------------------------------------------------------------------------
 
@@ -122,14 +90,14 @@ CORRUPT = "corrupt or unreadable: "
 
 @pytest.mark.parametrize("name, detail", MODEL_FILES, ids=[m[0] for m in MODEL_FILES])
 @pytest.mark.parametrize("command", ["show", "generate-torch", "generate-llamacpp", "generate-mlx", "convert"])
-def test_corrupt_model_files_are_named_in_one_line(bad, name, detail, command):
+def test_corrupt_model_files_are_named_in_one_line(bad, name, detail, command, monkeypatch, capsys):
     path = str(bad / name)
     args = {"show": ["models", "show", path],
             "convert": ["models", "convert", path],
             "generate-torch": ["generate", "hi", "--backend", "torch", "--model", path],
             "generate-llamacpp": ["generate", "hi", "--backend", "llamacpp", "--model", path],
             "generate-mlx": ["generate", "hi", "--backend", "mlx", "--model", path]}[command]
-    code, out, err = run(*args)
+    code, out, err = cli_main(monkeypatch, capsys, *args)
     assert_one_line(code, err, 1, CORRUPT, name, detail)
     assert out == ""
 
@@ -145,12 +113,12 @@ ADAPTERS = [
 
 @pytest.mark.parametrize("name, detail", ADAPTERS, ids=[a[0] for a in ADAPTERS])
 @pytest.mark.parametrize("command", ["generate", "convert", "fuse"])
-def test_bad_adapters_are_named_in_one_line(bad, tiny_llama, tmp_path, name, detail, command):
+def test_bad_adapters_are_named_in_one_line(bad, tiny_llama, tmp_path, name, detail, command, monkeypatch, capsys):
     path, target = str(bad / name), tmp_path / "out"
     args = {"generate": ["generate", "hi", "--backend", "torch", "--model", tiny_llama, "--adapter", path],
             "convert": ["adapters", "convert", path, "--to", "mlx", "-o", str(target)],
             "fuse": ["adapters", "fuse", path, "-o", str(target)]}[command]
-    code, out, err = run(*args)
+    code, out, err = cli_main(monkeypatch, capsys, *args)
     assert_one_line(code, err, 1, name, detail)
     assert not target.exists()
 
@@ -177,8 +145,8 @@ FLAGS = [
 
 
 @pytest.mark.parametrize("args, named", FLAGS, ids=[" ".join(f[0]) for f in FLAGS])
-def test_bad_flags_are_usage_errors(args, named):
-    code, out, err = run(*args)
+def test_bad_flags_are_usage_errors(args, named, monkeypatch, capsys):
+    code, out, err = cli_main(monkeypatch, capsys, *args)
     assert_one_line(code, err, 2, named)
 
 
@@ -197,17 +165,17 @@ VALUES = [
 
 
 @pytest.mark.parametrize("args, named", VALUES, ids=[" ".join(v[0]) for v in VALUES])
-def test_bad_values_name_the_file(bad, tmp_path, args, named):
+def test_bad_values_name_the_file(bad, tmp_path, args, named, monkeypatch, capsys):
     (tmp_path / "latin1.json").write_bytes('{"title": "caf\u00e9"}'.encode("latin-1"))
     (tmp_path / "notschema.json").write_text('{"type": "thing"}')
     paths = {"notes": bad / "notes.txt", "nowhere": bad / "nowhere.gguf", "out": tmp_path / "out",
              "folder": bad, "latin1": tmp_path / "latin1.json", "notschema": tmp_path / "notschema.json"}
-    code, out, err = run(*[a.format(**paths) for a in args])
+    code, out, err = cli_main(monkeypatch, capsys, *[a.format(**paths) for a in args])
     assert_one_line(code, err, 1, named)
     assert not (tmp_path / "out").exists()
 
 
-def test_the_bundled_model_passes_the_checks(smol):
-    code, out, err = run("models", "show", MODEL, "--json")
+def test_the_bundled_model_passes_the_checks(smol, monkeypatch, capsys):
+    code, out, err = cli_main(monkeypatch, capsys, "models", "show", MODEL, "--json")
     assert code == 0, err
     assert json.loads(out)["gguf_path"] == smol.gguf_path

@@ -64,10 +64,10 @@ def extract(
 
         raise UsageError("give at least one file or folder to extract from")
     settings = load_extract_settings(config, overrides, flags)
-    common.engine_note(settings.backend)
     check_paths([Path(p) for p in paths])  # before the progress bar is drawn: one line, nothing else
     check_output(output)  # the text as given: "out/" is a folder meant, not a file
     check_free(Path(output))
+    common.engine_note(settings.backend)
     raise typer.Exit(_run([Path(p) for p in paths], Path(output), settings))
 
 

@@ -48,12 +48,12 @@ def generate(
         {"role": "user", "content": prompt}
     ]
     backend, model = backend or "auto", model or DEFAULT_MODEL
-    common.engine_note(backend)
     # A spinner on a terminal while the model loads (the first use of a GGUF on torch or mlx
     # converts it once, about 20 s for SmolLM2-135M); nothing when stderr is not a terminal.
     with common.console(stderr=True).status(f"loading {model} ({backend}) ...", spinner="dots"):
         be = get_backend(backend, model, cache=cache or None, base_url=base_url, api_key_env=api_key_env,
                          timeout=timeout, concurrency=concurrency, **({"adapter": str(adapter)} if adapter else {}))
+    common.engine_note(backend)  # once the model loaded: a bad input stays one line
     with be:
         if schema is not None:
             out(json.dumps(generate_json(be, messages, schema, params), ensure_ascii=False))

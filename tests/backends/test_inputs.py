@@ -5,38 +5,19 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 
 import pytest
 
 from localforge.backends import RequestTooLarge, get_backend
 from localforge.backends.server import normalize_url
 from localforge.errors import ConfigError, CorruptFile, UsageError
+from tests.helpers import assert_one_line
+from tests.helpers import cli_main as cli
 from tests.servers import ALIAS
 
 SERVERS = ["openai", "lmstudio", "vllm-server", "ollama"]
 BAD_URLS = ["ht!tp://x", "ftp://localhost:8080", "http://", ":8080", "http://local host:8080",
             "http://localhost:99999/v1", "http://localhost:port/v1", "http://ex!ample.com/v1"]
-
-
-def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """``localforge ARGS`` in this process (cli.main, as the console script runs it)."""
-    from localforge import cli as cli_module
-
-    monkeypatch.setattr(sys, "argv", ["localforge", *args])
-    with pytest.raises(SystemExit) as info:
-        cli_module.main()
-    out = capsys.readouterr()
-    return int(info.value.code or 0), out.out, out.err
-
-
-def assert_one_line(code: int, err: str, want: int, *named: str) -> None:
-    lines = err.strip().splitlines()
-    assert code == want, (code, err)
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err and "unexpected" not in err, err
-    for name in named:
-        assert name in err, (name, err)
 
 
 @pytest.mark.parametrize("url", BAD_URLS)

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-from localforge.cli import main
 from localforge.extract.pipeline import Ledger, output_files
 from tests.extract.pdfs import make_pdf
+from tests.helpers import assert_one_line, cli_main
 
 GOOD_MD = "# Phones\n\nThe Nokia 3310 weighs 133 g.\n"
 
@@ -147,19 +146,12 @@ CASES = [
 def run_main(args: list[str], tmp: Path, monkeypatch, capsys) -> tuple[int, str]:
     monkeypatch.setenv("LOCALFORGE_CACHE", str(tmp / "cache"))
     monkeypatch.chdir(tmp)
-    monkeypatch.setattr(sys, "argv", ["localforge", "extract", *args])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        main()
-    return info.value.code, capsys.readouterr().err
+    code, _, err = cli_main(monkeypatch, capsys, "extract", *args)
+    return code, err
 
 
 def check_one_line(err: str, code: int, want_code: int, named: str) -> None:
-    lines = err.splitlines()
-    assert code == want_code, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err and "unexpected" not in err, err
-    assert named in lines[0], err
+    assert_one_line(code, err, want_code, named)
 
 
 @pytest.mark.parametrize("case, args, code, named", CASES, ids=[c[0] for c in CASES])

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
 
 import pytest
 import yaml
@@ -19,7 +18,8 @@ from hypothesis import strategies as st
 
 from localforge.errors import ConfigError
 from localforge.finetune.config import FinetuneConfig, load_config
-from tests.helpers import run_cli
+from tests.helpers import assert_one_line, run_cli
+from tests.helpers import cli_main as cli
 
 BASE = """model: {model}
 data: data/
@@ -86,17 +86,6 @@ def project(tmp_path, train_data, tiny_llama, monkeypatch):
     return tmp_path
 
 
-def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """`localforge ARGS` through the CLI's own entry point: (exit code, stdout, stderr)."""
-    from localforge.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["localforge", *args])
-    with pytest.raises(SystemExit) as exited:
-        main()
-    out = capsys.readouterr()
-    return exited.value.code or 0, out.out, out.err
-
-
 def with_value(text: str, key: str, value: str) -> str:
     data = yaml.safe_load(text)
     node = data
@@ -105,14 +94,6 @@ def with_value(text: str, key: str, value: str) -> str:
         node = node.setdefault(part, {})
     node[leaf] = yaml.safe_load(value)
     return yaml.safe_dump(data, sort_keys=False)
-
-
-def assert_one_line(code: int, err: str, expected_code: int, *needles: str) -> None:
-    assert code == expected_code, err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    assert "Traceback" not in err and "unexpected" not in err, err
-    for needle in needles:
-        assert needle in err, (needle, err)
 
 
 @pytest.mark.parametrize("form", ["file", "override"])

@@ -53,6 +53,8 @@ bench: $(VENV)/.dev-installed
 	$(BIN)/python benchmarks/finetune.py
 	$(BIN)/python benchmarks/planner.py
 	$(BIN)/python benchmarks/extract.py
+	$(BIN)/python benchmarks/chunking.py
+	$(BIN)/python benchmarks/grounding.py
 
 clean:
 	rm -rf $(VENV)

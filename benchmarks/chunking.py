@@ -6,7 +6,7 @@ per chunker: chunks, seconds, the largest chunk in real SmolLM2 tokens, and the 
 whose text can be found verbatim in the document's Markdown, which grounding needs (a value's
 span is an offset into that text). Also the estimate's drift on text without spaces.
 
-HybridChunker needs docling-core's [chunking] extra (semchunk, tree-sitter and four grammars);
+HybridChunker needs docling-core's [chunking] extra (semchunk, tree-sitter and four grammars; in `.[bench]`);
 run with them importable, e.g. ``pip install 'docling-core[chunking]'`` in a scratch venv.
 
     python benchmarks/chunking.py [--out benchmarks/results/chunking.json]

@@ -149,6 +149,10 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{p}: no such config file") from None
     except IsADirectoryError:
         raise ConfigError(f"{p}: a folder, not a config file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start}): save the config as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot be read ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" (line {mark.line + 1})" if mark else ""

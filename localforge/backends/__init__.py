@@ -42,7 +42,7 @@ from localforge.backends.types import (
     RequestTooLarge,
     Unsupported,
 )
-from localforge.errors import ConfigError
+from localforge.errors import ConfigError, UsageError
 
 __all__ = [
     "Backend", "BackendError", "BackendTimeout", "BackendUnavailable", "Capabilities", "ChatResult",
@@ -93,11 +93,12 @@ def check_server_options(name: str, base_url: str | None, where: str = "--base-u
     (``base_url in FILE``, a ``ConfigError``)."""
     if not base_url:
         return
+    error = UsageError if where.startswith("--") else ConfigError
     if name == "auto":
         servers = [n for n, s in REGISTRY.items() if s.server]
-        raise ConfigError(f"--base-url needs a server backend: --backend {' or '.join(servers)}")
+        raise error(f"{where or 'a server URL'} needs a server backend: --backend {' or '.join(servers)}")
     if not spec(name).server:
-        raise ConfigError(f"--base-url is for server backends; backend '{name}' runs in-process")
+        raise error(f"{where or 'a server URL'} is for server backends; backend '{name}' runs in-process")
     from localforge.backends.server import normalize_url
 
     normalize_url(base_url, where)

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from localforge.errors import LocalforgeError, UsageError
 from localforge.extract.chunking import Chunk, chunk_text
@@ -58,13 +58,24 @@ class ExtractSettings(BackendChoice):
     pdf_mode: Literal["auto", "native", "standard"] = "auto"
     pdf_password: str | None = Field(None, description="opens encrypted PDFs (not part of the settings digest)")
 
+    @field_validator("base_url")
+    @classmethod
+    def _a_server_url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """A URL for a server backend (the error names the flag, the override or the file)."""
+        from localforge.backends import check_server_options
+
+        try:
+            check_server_options(info.data.get("backend", "auto"), value, where="")
+        except LocalforgeError as exc:
+            raise ValueError(str(exc).strip()) from None
+        return value
+
     @model_validator(mode="after")
     def _resolve(self) -> ExtractSettings:
-        from localforge.backends import check_server_options, require
+        from localforge.backends import require
 
         if self.backend != "auto":
             require(self.backend)  # an unknown or missing backend fails before any work
-        check_server_options(self.backend, self.base_url)
         self.record_schema = load_schema(self.record_schema, self.fields)
         self.fields = None
         self.examples = load_examples(self.examples)

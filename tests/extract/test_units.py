@@ -228,8 +228,10 @@ def test_settings_from_a_config_file_with_overrides(tmp_path):
     (["--fields", "a:str", "--model", "a,b,c"], 1, "error: --model 'a,b,c': give one model, or a small and a large"),
     (["--fields", "a:str", "--backend", "nope"], 2, "unknown backend 'nope': choose one of auto, mlx, torch"),
     (["--config", "missing.yaml"], 1, "error: missing.yaml: no such config file"),
-    (["--fields", "a:str", "--backend", "torch", "--base-url", "http://x"], 1,
-     "error: --base-url is for server backends; backend 'torch' runs in-process"),
+    (["--fields", "a:str", "--backend", "torch", "--base-url", "http://x"], 2,
+     "error: --base-url: a server URL is for server backends; backend 'torch' runs in-process"),
+    (["--fields", "a:str", "backend=openai", "base_url=ht!tp://x"], 1,
+     "error: override 'base_url=ht!tp://x': config key 'base_url': 'ht!tp://x' is not a server URL"),
 ])
 def test_bad_settings_fail_in_one_line_before_any_work(tmp_path, args, code, message):
     from tests.helpers import run_cli

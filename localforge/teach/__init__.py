@@ -1,0 +1,1 @@
+"""The teach job: a teacher model improves answers and training data for a student (see README)."""

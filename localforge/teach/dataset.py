@@ -224,7 +224,10 @@ def check_output(out: Path, inputs: Iterable[Path] = (), flag: str = "-o") -> No
 def write_rows_atomic(out: Path, rows: Iterable[dict], flag: str = "-o") -> int:
     """Write rows (canonical JSON, one per line) to a temp file beside ``out``, then rename it into
     place: a failure part-way leaves no ``out`` (and removes the temp file)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent if str(out.parent) else ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent if str(out.parent) else ".")
+    except OSError as exc:
+        raise ConfigError(f"{flag} {out}: cannot write it ({exc.strerror or exc})") from None
     n = 0
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
@@ -312,10 +315,11 @@ class VerifyReport:
         return not self.problems and self.rows > 0
 
 
-def keys_from_env(names: Iterable[str], environ: Mapping[str, str] | None = None) -> dict[str, signing.SigningKey]:
+def keys_from_env(names: Iterable[str], environ: Mapping[str, str] | None = None,
+                  what: str = "--keys") -> dict[str, signing.SigningKey]:
     keys = {}
     for name in names:
-        key = signing.key_from_env(name, environ, what="--keys")
+        key = signing.key_from_env(name, environ, what=what)
         keys[key.key_id] = key
     return keys
 
@@ -324,10 +328,13 @@ def verify(path: Path, key_envs: Iterable[str] = (signing.KEY_ENV,),
            environ: Mapping[str, str] | None = None) -> VerifyReport:
     """Check every line's signature (constant-time compare) and canonical bytes: each line is
     verified, unsigned, unknown-key, or tampered (which includes a line no longer readable)."""
-    path = Path(path)
-    keys = keys_from_env(list(key_envs), environ)
+    path, names = Path(path), list(key_envs)
+    lines = read_lines(path, "FILE")
+    if not lines:
+        raise ConfigError(f"FILE {path}: no rows to verify")
+    keys = keys_from_env(names, environ, what="--keys" if names != [signing.KEY_ENV] else "verify")
     report = VerifyReport(str(path))
-    for n, line in read_lines(path, "FILE"):
+    for n, line in lines:
         report.rows += 1
         try:
             row = parse_line(line)
@@ -338,8 +345,6 @@ def verify(path: Path, key_envs: Iterable[str] = (signing.KEY_ENV,),
         report.counts[status] += 1
         if status != "verified":
             report.problems.append((n, status, detail))
-    if report.rows == 0:
-        raise ConfigError(f"FILE {path}: no rows to verify")
     return report
 
 

@@ -162,16 +162,31 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+def _set(data: dict, key: str, value: Any) -> None:
+    """``data[key] = value``, where a dotted key (``teacher.backend``, a flag that sets one key of a
+    section) sets that key inside its section."""
+    *sections, last = key.split(".")
+    node = data
+    for part in sections:
+        if node.get(part) is None:
+            node[part] = {}
+        elif not isinstance(node[part], dict):
+            return  # not a section: validation names the key
+        node = node[part]
+    node[last] = value
+
+
 def load_settings(model: type[M], path: str | Path | None = None, overrides: Sequence[str] = (),
                   flags: Mapping[str, tuple[str, Any]] | None = None) -> M:
     """``model`` validated from the YAML file at ``path`` (optional), then ``overrides``
-    (``key=value``), then ``flags`` ({field: (flag, value)}; a value of None is a flag not given)."""
+    (``key=value``), then ``flags`` ({field: (flag, value)}; a value of None is a flag not given;
+    a dotted field, ``teacher.backend``, sets a key of a section)."""
     data = read_yaml(path) if path is not None else {}
     for item in overrides:
         apply_override(data, item)
     given = {field: (flag, value) for field, (flag, value) in (flags or {}).items() if value is not None}
     for field, (_, value) in given.items():
-        data[field] = value
+        _set(data, field, value)
     if path is not None:
         beside = Path(path).parent
         for field in getattr(model, "PATHS", ()):

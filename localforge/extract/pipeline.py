@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +28,14 @@ from localforge.extract.convert import SUPPORTED, Converted, Converter, Document
 from localforge.extract.grounding import ground_record
 from localforge.extract.routing import models, parse_rule, pick
 from localforge.extract.schema import chunk_schema, echo_of, load_examples, load_schema
-from localforge.files import write_atomic
+from localforge.resumable import (  # noqa: F401 (OutputBusy, output_files, sidecar: part of this module's API)
+    OutputBusy,
+    ResumableOutput,
+    check_output,
+    output_files,
+    sidecar,
+)
+from localforge.resumable import check_free as _check_free
 from localforge.settings import BackendChoice, load_settings
 
 PROMPT_VERSION = "extract-v1"
@@ -144,162 +150,30 @@ def discover(paths: Iterable[Path], summary: Summary) -> list[Path]:
 
 
 # --- the output ----------------------------------------------------------------------------------
-
-
-class OutputBusy(LocalforgeError):
-    """Another run holds the lock on the same output."""
-
-
-def output_files(out: Path) -> list[Path]:
-    """The files a run on ``out`` writes (the lock among them)."""
-    return [out, sidecar(out, "progress"), sidecar(out, "rejects"), lock_path(out)]
-
-
-def lock_path(out: Path) -> Path:
-    """``out.jsonl`` -> ``out.lock``: held (an OS lock) while a run writes ``out``."""
-    stem = out.name[: -len(".jsonl")] if out.name.endswith(".jsonl") else out.name
-    return out.with_name(f"{stem}.lock")
-
-
-def check_output(out: str | Path) -> None:
-    """``-o`` must name a file that can be written (its folder may be missing: it is created):
-    a one-line ``UsageError`` naming the path otherwise, before any work or any file is made."""
-    given, out = str(out), Path(out)
-    if not given.strip() or given.endswith(("/", os.sep)) or out.name in ("", ".", ".."):
-        raise UsageError(f"-o {out}: give a file name for the records, e.g. {out / 'records.jsonl'}")
-    for path in output_files(out):
-        if path.is_dir():
-            raise UsageError(f"-o {out}: {path} is a folder; give a file name, e.g. {path / 'records.jsonl'}")
-        if path.exists() and not os.access(path, os.W_OK):
-            raise UsageError(f"-o {out}: {path} is not writable")
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UsageError(f"-o {out}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"-o {out}: cannot write in {parent} (permission denied)")
-
-
-def _output_error(out: Path, exc: OSError) -> UsageError:
-    reason = exc.strerror or type(exc).__name__
-    return UsageError(f"-o {out}: cannot write {exc.filename or out}: {reason[:1].lower() + reason[1:]}")
-
-
-def _busy(out: Path) -> OutputBusy:
-    return OutputBusy(f"-o {out}: another extract run is writing it ({lock_path(out)} is locked); "
-                      "wait for it to finish or give another -o")
-
-
-def _open_lock(out: Path) -> None:
-    """Open (or create) the lock file once: filelock would read a file it cannot open as a lock
-    held by someone else; this raises the real OSError instead."""
-    os.close(os.open(lock_path(out), os.O_RDWR | os.O_CREAT, 0o644))
-
+# The resumable output is shared with the other jobs (localforge.resumable); extract's items are
+# documents, keyed by (file sha256, settings digest).
 
 def check_free(out: Path) -> None:
-    """Refuse at once when another run holds ``out`` (its lock file exists only once a run began)."""
-    from filelock import FileLock, Timeout
-
-    if lock_path(out).is_file():
-        try:
-            _open_lock(out)
-            FileLock(lock_path(out), timeout=0).acquire().lock.release()
-        except Timeout:
-            raise _busy(out) from None
-        except OSError as exc:
-            raise _output_error(out, exc) from None
+    """Refuse at once when another extract run holds ``out``."""
+    _check_free(out, "extract")
 
 
-class Ledger:
-    """The output files, and which documents they hold completely. Holds an OS lock on
-    ``out.lock`` while open: a second run on the same output is refused, not interleaved."""
+class Ledger(ResumableOutput):
+    """The output files, and which documents they hold completely (see ``localforge.resumable``)."""
 
     def __init__(self, out: Path):
-        from filelock import FileLock, Timeout
+        super().__init__(out, done_key=_done_key, row_key=_row_key, job="extract")
 
-        self.out = out
-        self.progress = sidecar(out, "progress")
-        self.rejects = sidecar(out, "rejects")
-        self.done: set[tuple[str, str]] = set()
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            _open_lock(out)
-            lock = FileLock(lock_path(out), timeout=0)
-            try:
-                lock.acquire()
-                self._lock = lock
-            except Timeout:
-                raise _busy(out) from None
-        except OSError as exc:
-            raise _output_error(out, exc) from None
-        try:
-            for line in _lines(self.progress):
-                if isinstance(line, dict) and isinstance(line.get("sha256"), str):
-                    self.done.add((line["sha256"], str(line.get("settings"))))
-            for path in (self.out, self.rejects):
-                _keep_only(path, lambda row: (row["_provenance"]["file_sha256"], row["_provenance"]["settings"]) in self.done)
-            self._files = {}
-            for p in (self.out, self.rejects, self.progress):
-                self._files[p] = open(p, "a", encoding="utf-8")
-        except OSError as exc:
-            self.close()
-            raise _output_error(out, exc) from None
-        except BaseException:
-            self.close()
-            raise
-
-    def write(self, which: Path, row: dict) -> None:
-        fh = self._files[which]
-        fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        fh.flush()
-
-    def finish(self, sha: str, settings: str, path: str, records: int) -> None:
-        for which in (self.out, self.rejects):
-            os.fsync(self._files[which].fileno())
-        self.write(self.progress, {"sha256": sha, "settings": settings, "path": path, "records": records,
-                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        os.fsync(self._files[self.progress].fileno())
-        self.done.add((sha, settings))
-
-    def close(self) -> None:
-        for fh in getattr(self, "_files", {}).values():
-            fh.close()
-        if getattr(self, "_lock", None) is not None:
-            self._lock.release()
+    def finish(self, sha: str, settings: str, path: str, records: int) -> None:  # type: ignore[override]
+        super().finish({"sha256": sha, "settings": settings, "path": path, "records": records})
 
 
-def sidecar(out: Path, kind: str) -> Path:
-    """``out.jsonl`` -> ``out.progress.jsonl`` / ``out.rejects.jsonl``."""
-    stem = out.name[: -len(".jsonl")] if out.name.endswith(".jsonl") else out.name
-    return out.with_name(f"{stem}.{kind}.jsonl")
+def _done_key(row: dict) -> tuple[str, str] | None:
+    return (row["sha256"], str(row.get("settings"))) if isinstance(row.get("sha256"), str) else None
 
 
-def _lines(path: Path):
-    if not path.is_file():
-        return
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash
-
-
-def _keep_only(path: Path, keep: Callable[[dict], bool]) -> None:
-    """Rewrite ``path`` without rows of unfinished documents (atomically); no-op when clean."""
-    if not path.is_file():
-        return
-    raw = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
-    kept = []
-    for line in raw:
-        try:
-            if keep(json.loads(line)) and line.endswith("\n"):
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            pass
-    if len(kept) != len(raw):
-        write_atomic(path, "".join(kept))
+def _row_key(row: dict) -> tuple[str, str]:
+    return row["_provenance"]["file_sha256"], row["_provenance"]["settings"]
 
 
 # --- prompting -----------------------------------------------------------------------------------

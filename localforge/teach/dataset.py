@@ -48,16 +48,18 @@ def _check_input(path: Path, flag: str) -> None:
         raise ConfigError(f"{flag} {path}: not a file (give a JSONL file)")
 
 
-def read_lines(path: Path, flag: str = "IN") -> list[tuple[int, bytes]]:
+def read_lines(path: Path, flag: str = "IN", exact: bool = False) -> list[tuple[int, bytes]]:
     """(line number, raw bytes without the newline) for every non-blank line. Lines are split on
-    ``\\n`` alone, so a stray control character never makes a line of its own."""
+    ``\\n`` alone, so a stray control character never makes a line of its own; a CRLF line loses
+    its ``\\r`` unless ``exact`` (verify keeps every byte)."""
     _check_input(path, flag)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{flag} {path}: cannot read it ({exc.strerror or exc})") from None
     lines = data.split(b"\n")
-    return [(n, line[:-1] if line.endswith(b"\r") else line) for n, line in enumerate(lines, 1) if line.strip()]
+    return [(n, line[:-1] if line.endswith(b"\r") and not exact else line)
+            for n, line in enumerate(lines, 1) if line.strip()]
 
 
 def parse_line(line: bytes) -> object:
@@ -329,7 +331,7 @@ def verify(path: Path, key_envs: Iterable[str] = (signing.KEY_ENV,),
     """Check every line's signature (constant-time compare) and canonical bytes: each line is
     verified, unsigned, unknown-key, or tampered (which includes a line no longer readable)."""
     path, names = Path(path), list(key_envs)
-    lines = read_lines(path, "FILE")
+    lines = read_lines(path, "FILE", exact=True)
     if not lines:
         raise ConfigError(f"FILE {path}: no rows to verify")
     keys = keys_from_env(names, environ, what="--keys" if names != [signing.KEY_ENV] else "verify")

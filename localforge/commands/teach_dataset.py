@@ -104,7 +104,7 @@ def stats_cmd(
         out("teachers: " + ", ".join(f"{k} {n}" for k, n in sorted(s["teachers"].items())))
     src = s["sources"]
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(src["kinds"].items())) or "none"
-    out(f"sources: {src['rows_with_sources']} rows with sources ({kinds}); {src['documents']} documents or logs, "
+    out(f"sources: {src['rows_with_sources']} rows with sources ({kinds}); {src['documents']} documents, logs or files, "
         f"{src['records']} records")
 
 

@@ -114,12 +114,14 @@ def prompt_sha256(context: list[dict], instruction: str) -> str:
 
 
 def _feedback(row: Mapping) -> str | None:
-    """A pair's feedback; for DCR output without one, the last critique in its history."""
+    """A pair's feedback; for DCR output without one, the critique of the draft that became
+    ``final`` (else the last critique in its history): issues and suggestions joined by "; "."""
     if isinstance(row.get("feedback"), str):
         return row["feedback"]
     history = row.get("history")
     if isinstance(history, list):
-        for step in reversed(history):
+        chosen = [h for h in history if isinstance(h, dict) and "final" in row and h.get("draft") == row["final"]]
+        for step in [*chosen[-1:], *reversed(history)]:
             critique = step.get("critique") if isinstance(step, dict) else None
             if isinstance(critique, str):
                 return critique
@@ -129,6 +131,18 @@ def _feedback(row: Mapping) -> str | None:
                 if parts:
                     return "; ".join(parts)
     return None
+
+
+def _from_dcr(prov: object) -> dict:
+    """``teach dcr``'s ``_provenance`` (source, line, item, teacher, student, prompt_hash, made_at)
+    as a pair's provenance."""
+    if not isinstance(prov, dict):
+        return {}
+    source = {k: prov[k] for k in ("source", "line", "item") if prov.get(k) is not None}
+    found = {"sources": [source] if source else [], "teacher": prov.get("teacher"),
+             "prompt_sha256": prov.get("prompt_hash"), "created_at": prov.get("made_at")}
+    found.update({k: prov[k] for k in ("student", "settings") if k in prov})
+    return found
 
 
 def to_pair(row: Mapping, where: str) -> dict:
@@ -160,7 +174,7 @@ def to_pair(row: Mapping, where: str) -> dict:
     evidence = meta.get("evidence", row.get("evidence")) or []
     if not isinstance(evidence, list):
         raise ConfigError(f"{where}: 'evidence' must be a list of passages")
-    prov = meta.get("provenance", row.get("provenance")) or {}
+    prov = meta.get("provenance", row.get("provenance")) or _from_dcr(row.get("_provenance"))
     if not isinstance(prov, dict):
         raise ConfigError(f"{where}: 'provenance' must be an object")
     sources = prov.get("sources") or []
@@ -355,7 +369,7 @@ def verify(path: Path, key_envs: Iterable[str] = (signing.KEY_ENV,),
 def _source_kind(source: object) -> str:
     if not isinstance(source, dict):
         return "other"
-    for key, kind in (("record_id", "record"), ("document_sha256", "document"), ("log", "log")):
+    for key, kind in (("record_id", "record"), ("document_sha256", "document"), ("log", "log"), ("source", "file")):
         if source.get(key) is not None:
             return kind
     return "other"
@@ -388,6 +402,8 @@ def stats(path: Path) -> dict:
                     records.add(str(source["record_id"]))
                 if source.get("log"):
                     documents.add(str(source.get("log_sha256") or source["log"]))
+                if source.get("source"):
+                    documents.add(str(source["source"]))
     histogram = [0] * HISTOGRAM_BINS
     for q in qualities:
         histogram[min(int(q * HISTOGRAM_BINS), HISTOGRAM_BINS - 1)] += 1

@@ -136,6 +136,43 @@ def test_finetune_dry_run_plans_on_an_export(tmp_path, pairs, lf, tiny_llama, mo
     assert f"train: 4 rows ({kind})" in stdout and not (tmp_path / "run").exists()
 
 
+# a row as `teach dcr` writes it (localforge/teach/dcr.py: the input row, final, score, iterations,
+# passed, history, _provenance); the best draft is the second, so its critique is the feedback
+DCR_ROW = {
+    "instruction": "What is the boiling point of water at sea level?", "evidence": ["Water boils at 100 C."],
+    "final": "Water boils at 100 degrees Celsius at sea level.", "score": 0.9, "iterations": 2, "passed": True,
+    "history": [
+        {"iteration": 1, "draft": "It boils at 90.", "by": "student",
+         "critique": {"score": 0.2, "issues": ["wrong number"], "suggestions": ["say 100 C"]},
+         "verification": None, "score": 0.2},
+        {"iteration": 2, "draft": "Water boils at 100 degrees Celsius at sea level.", "by": "teacher",
+         "critique": {"score": 0.9, "issues": [], "suggestions": ["name the unit once"]},
+         "verification": None, "score": 0.9}],
+    "_provenance": {"source": "items.jsonl", "line": 7, "item": "abc123", "settings": "s1",
+                    "teacher": {"backend": "server", "model": "teacher-8b"},
+                    "student": {"backend": "local", "model": "student-135m"},
+                    "prompt_hash": "0123456789abcdef", "made_at": "2025-03-04T05:06:07Z"}}
+
+
+def test_export_reads_dcr_output(tmp_path):
+    src = tmp_path / "dcr.jsonl"
+    src.write_text(json.dumps(DCR_ROW) + "\n")
+    out = tmp_path / "out.jsonl"
+    dataset.export(src, out)
+    row = lines(out)[0]
+    assert row["messages"][-1]["content"] == DCR_ROW["final"]
+    meta = row["metadata"]
+    assert meta["quality"] == 0.9 and meta["feedback"] == "name the unit once"
+    assert meta["evidence"] == ["Water boils at 100 C."]
+    prov = meta["provenance"]
+    assert prov["sources"] == [{"source": "items.jsonl", "line": 7, "item": "abc123"}]
+    assert prov["teacher"] == {"backend": "server", "model": "teacher-8b"}
+    assert prov["student"] == {"backend": "local", "model": "student-135m"}
+    assert (prov["prompt_sha256"], prov["created_at"]) == ("0123456789abcdef", "2025-03-04T05:06:07Z")
+    s = dataset.stats(out)
+    assert s["sources"]["kinds"] == {"file": 1} and s["teachers"] == {"server/teacher-8b": 1}
+
+
 def test_min_quality_keeps_scored_rows_at_or_above(tmp_path, pairs, lf):
     out = tmp_path / "good.jsonl"
     code, stdout, err = lf("teach", "dataset", "export", pairs, "-o", out, "--min-quality", "0.85")

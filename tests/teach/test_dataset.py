@@ -1,9 +1,7 @@
 """Distillation datasets: export in the formats finetune reads, HMAC signatures (every changed byte
 caught, the key never shown), verify, stats, import from a conversation log, and bad input swept.
 
-The commands run through ``cli.main`` (``tests.helpers.cli_main``). Until ``localforge teach`` is
-registered in cli.py, the ``lf`` fixture mounts this module's app under ``teach dataset`` on the
-real cli app for the test (the same ``cli.main`` turns errors into one line either way)."""
+The commands run through ``cli.main`` (``tests.helpers.cli_main``), as the console script runs them."""
 
 from __future__ import annotations
 
@@ -12,7 +10,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-import typer
 
 from localforge.errors import ConfigError
 from localforge.finetune.data import load_data
@@ -45,18 +42,6 @@ PAIRS = [
 @pytest.fixture
 def lf(monkeypatch, capsys):
     """``localforge ARGS`` through cli.main: (exit code, stdout, stderr)."""
-    from localforge import cli
-    from localforge.commands import teach_dataset
-
-    if "teach" not in [g.name for g in cli.app.registered_groups]:
-        teach = typer.Typer(context_settings={"help_option_names": ["-h", "--help"]})
-        teach.add_typer(teach_dataset.app, name="dataset")
-        teach.command("placeholder", hidden=True)(lambda: None)
-        root = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
-        root.registered_commands = list(cli.app.registered_commands)  # every real verb, plus teach
-        root.registered_groups = list(cli.app.registered_groups)
-        root.add_typer(teach, name="teach")
-        monkeypatch.setattr(cli, "app", root)
 
     def run(*args: str) -> tuple[int, str, str]:
         return cli_main(monkeypatch, capsys, *map(str, args))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from localforge.backends.base import Backend
-from localforge.backends.hf import ensure_hf
+from localforge.backends.hf import ensure_hf, load_tokenizer
 from localforge.backends.registry import (
     REGISTRY,
     availability,
@@ -49,7 +49,7 @@ __all__ = [
     "Conversation", "EngineSpec", "GenerationParams", "InvalidResponse", "RequestTooLarge",
     "StructuredOutputError", "Unsupported", "REGISTRY", "availability", "backend_class", "check_server_options",
     "choose",
-    "describe_schema", "ensure_hf", "forget_probes", "fuse", "generate_json", "get_backend", "installed",
+    "describe_schema", "ensure_hf", "load_tokenizer", "forget_probes", "fuse", "generate_json", "get_backend", "installed",
     "load", "require", "resolve_auto", "served_models", "spec", "structured_modes", "trainers",
 ]
 

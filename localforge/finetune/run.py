@@ -189,7 +189,23 @@ def prepare(config_path: str | Path | None, overrides: list[str] = (), flags: di
         raise key_error(*too_big, config_path, overrides, flags)
     if too_big:
         p.reasons.append("forced: the predicted peak exceeds the memory budget; expect swapping or out-of-memory")
+    _check_rows(cfg, data, model_path)
     return Prepared(cfg, data, model_path, shape, p)
+
+
+def _check_rows(cfg: FinetuneConfig, data, model_path: str) -> None:
+    """Every row, through the model's own tokenizer (the one each engine trains with), keeps
+    something to learn within max_seq_length: found in --dry-run, not at the first step."""
+    from importlib.util import find_spec
+
+    from localforge.backends import load_tokenizer
+    from localforge.finetune.batches import encode_all
+
+    if find_spec("transformers") is None:  # the engine's trainer checks the same when it starts
+        return
+    tokenizer = load_tokenizer(model_path)
+    for split, rows in data.splits.items():
+        encode_all(tokenizer, rows, cfg.mask_prompt, cfg.max_seq_length, where=data.files[split])
 
 
 def _as_run(cfg: FinetuneConfig, p: Plan) -> dict:

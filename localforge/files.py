@@ -18,6 +18,24 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def read_text(path: str | Path, label: str, kind: str = "file") -> str:
+    """The UTF-8 text of a file a user named; a missing file, a folder, other bytes or an unreadable
+    file is a ``ConfigError`` in one line that starts with ``label`` (e.g. "--json-schema FILE")
+    and calls it a ``kind`` ("config file")."""
+    from localforge.errors import ConfigError
+
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{label}: no such {kind}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{label}: is a folder, not a {kind}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{label}: not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{label}: cannot be read ({exc.strerror or exc})") from None
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to a temp file beside ``path`` and rename it into place: readers never see half."""
     tmp = path.with_name(path.name + ".tmp")

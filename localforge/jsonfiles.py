@@ -7,19 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from localforge.errors import ConfigError
+from localforge.files import read_text
 
 
 def read_json(path: Path | str, flag: str) -> Any:
+    text = read_text(path, f"{flag} {path}")
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{flag} {path}: no such file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{flag} {path}: is a folder, expected a JSON file") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{flag} {path}: not UTF-8 text (byte {exc.start}): save it as UTF-8 JSON") from None
-    except OSError as exc:
-        raise ConfigError(f"{flag} {path}: cannot be read ({exc.strerror or exc})") from None
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{flag} {path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
 

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from localforge.errors import ConfigError, UsageError
+from localforge.files import read_text
 from localforge.models import DEFAULT_MODEL
 
 M = TypeVar("M", bound=BaseModel)
@@ -143,16 +144,9 @@ def read_yaml(path: str | Path) -> dict:
     import yaml
 
     p = Path(path)
+    text = read_text(p, str(p), "config file")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: no such config file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{p}: a folder, not a config file") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start}): save the config as UTF-8") from None
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot be read ({exc.strerror or exc})") from None
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" (line {mark.line + 1})" if mark else ""

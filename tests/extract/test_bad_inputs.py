@@ -133,7 +133,7 @@ CASES = [
     ("config-missing", ["{tmp}/good.md", "--config", "{tmp}/nope.yaml"], 1, "nope.yaml: no such config file"),
     ("config-bad-yaml", ["{tmp}/good.md", "--config", "{tmp}/cfg-bad.yaml"], 1, "cfg-bad.yaml: not valid YAML"),
     ("config-list", ["{tmp}/good.md", "--config", "{tmp}/cfg-list.yaml"], 1, "cfg-list.yaml: expected a mapping"),
-    ("config-folder", ["{tmp}/good.md", "--config", "{tmp}/cfg-dir.yaml"], 1, "cfg-dir.yaml: a folder"),
+    ("config-folder", ["{tmp}/good.md", "--config", "{tmp}/cfg-dir.yaml"], 1, "cfg-dir.yaml: is a folder, not a config file"),
     ("config-range", ["{tmp}/good.md", "--config", "{tmp}/cfg-size.yaml"], 1, "'chunk_size'"),
     ("config-unknown", ["{tmp}/good.md", "--config", "{tmp}/cfg-unknown.yaml"], 1, "'chunk_sise' is not known"),
     ("config-route", ["{tmp}/good.md", "--config", "{tmp}/cfg-route.yaml"], 1, "--route: cannot read 'words>3'"),

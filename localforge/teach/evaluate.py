@@ -53,7 +53,7 @@ def judge_conversation(question: str, answer: str, reference: str) -> list[dict]
             "You grade a student's answer. It is correct when its final answer agrees with the reference "
             "answer; the working may differ.")},
         {"role": "user", "content": f"Question:\n{question}\n\nReference answer:\n{reference}\n\n"
-                                    f"Calls's answer:\n{answer or '(no answer)'}"},
+                                    f"Student's answer:\n{answer or '(no answer)'}"},
     ]
 
 

@@ -1,0 +1,63 @@
+"""What the adaptive-teaching tests share: the GSM8K rows, small budgets, one call cache for the
+session (the eval and adaptive tests ask the same calls), and the `teach adaptive` / `teach eval`
+commands on the `teach` app."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+GSM8K = Path(__file__).resolve().parents[2].parent / "shared" / "corpus" / "gsm8k" / "test.jsonl"
+needs_gsm8k = pytest.mark.skipif(not GSM8K.is_file(), reason=f"the shared GSM8K corpus is not at {GSM8K}")
+
+# small budgets: the whole file must run in well under 2 minutes on 2 cores
+SMALL = {"probe_tokens": 24, "teaching_tokens": 48, "max_tokens": 64, "critique_tokens": 96}
+SMALL_ARGS = ["--probe-tokens", "24", "--teaching-tokens", "48", "--answer-tokens", "64", "critique_tokens=96"]
+
+
+def gsm8k(n: int) -> list[dict]:
+    rows = []
+    with open(GSM8K, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                rows.append(json.loads(line))
+            if len(rows) == n:
+                break
+    return rows
+
+
+def cache_dir(tmp_path_factory) -> Path:
+    """One cache folder for the session ($LOCALFORGE_CACHE for CLI runs; calls.sqlite in it)."""
+    path = tmp_path_factory.getbasetemp() / "atlas-cache"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def cached(backend, tmp_path_factory):
+    """The session's in-process backend behind the session's call cache (closing it is not ours)."""
+    from localforge.backends.cache import with_cache
+
+    return with_cache(backend, cache_dir(tmp_path_factory) / "calls.sqlite")
+
+
+def register() -> None:
+    """`localforge teach adaptive` and `teach eval` (commands/teach.py registers them; until it
+    does, the tests add them to the same app, as it will)."""
+    from localforge.commands import teach, teach_adaptive
+
+    names = {c.name for c in teach.app.registered_commands}
+    if "adaptive" not in names:
+        teach.app.command("adaptive")(teach_adaptive.adaptive)
+    if "eval" not in names:
+        teach.app.command("eval")(teach_adaptive.evaluate)
+
+
+def write(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

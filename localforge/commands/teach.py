@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from localforge.commands import common, teach_dataset
+from localforge.commands import common, teach_adaptive, teach_dataset
 
 app = typer.Typer(help="A teacher model improves answers and training data for a student.",
                   no_args_is_help=True, context_settings=common.HELP, pretty_exceptions_enable=False)
@@ -112,3 +112,7 @@ def _run_dcr(input: Path, output: Path, settings) -> int:
     for line, reason in summary.failed:
         sys.stderr.write(f"failed: {input} line {line}: {reason}\n")
     return 1 if summary.failed else 0
+
+
+app.command("adaptive", context_settings=common.HELP)(teach_adaptive.adaptive)
+app.command("eval", context_settings=common.HELP)(teach_adaptive.evaluate)

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "localforge"
 ENGINES = {"torch", "mlx", "mlx_lm", "transformers", "peft", "trl", "accelerate", "llama_cpp", "vllm", "ollama",
            "openai"}
 JOBS = ("extract", "teach", "finetune")
-CORE = ("errors", "files", "jsonfiles", "hardware", "models", "adapters", "settings")
+CORE = ("errors", "files", "jsonfiles", "hardware", "models", "adapters", "settings", "resumable")
 
 
 def imports(path: Path) -> list[tuple[int, str]]:

@@ -43,7 +43,7 @@ from localforge.teach.settings import TeachSettings
 JOB = "teach adaptive"
 PROMPT_VERSION = "atlas-v1"
 BANDS = ("weak", "partial", "strong")
-ASSESSMENT_CHARS = 160
+ASSESSMENT_CHARS = 120
 NONE = "NONE"  # what a teacher answers when a strong student needs no guidance
 
 SCORE_SCHEMA = {

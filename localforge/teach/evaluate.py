@@ -96,7 +96,7 @@ def figures(rows: list[dict]) -> dict[str, Any]:
         "accuracy_with": _share(with_, n),
         "gain": _share(with_ - without, n),
         "non_degradation_rate": _share(n - outcomes["degrade"], n),
-        "mean_teaching_tokens": round(sum(r["teaching_tokens"] for r in rows) / n, 4) if n else None,
+        "mean_teaching_tokens": round(sum(r["teaching_tokens"] for r in rows) / n, 6) if n else None,
         "mean_reward": round(sum(r["reward"] for r in rows) / n, 6) if n else None,
         "outcomes": outcomes,
     }

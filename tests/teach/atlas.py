@@ -13,8 +13,9 @@ GSM8K = Path(__file__).resolve().parents[2].parent / "shared" / "corpus" / "gsm8
 needs_gsm8k = pytest.mark.skipif(not GSM8K.is_file(), reason=f"the shared GSM8K corpus is not at {GSM8K}")
 
 # small budgets: the whole file must run in well under 2 minutes on 2 cores
-SMALL = {"probe_tokens": 24, "teaching_tokens": 48, "max_tokens": 64, "critique_tokens": 96}
-SMALL_ARGS = ["--probe-tokens", "24", "--teaching-tokens", "48", "--answer-tokens", "64", "critique_tokens=96"]
+# (the scoring answer's assessment holds at most 120 characters: 144 tokens always fit it)
+SMALL = {"probe_tokens": 16, "teaching_tokens": 32, "max_tokens": 48, "critique_tokens": 144}
+SMALL_ARGS = ["--probe-tokens", "16", "--teaching-tokens", "32", "--answer-tokens", "48", "critique_tokens=144"]
 
 
 def gsm8k(n: int) -> list[dict]:

@@ -148,14 +148,18 @@ def evaluate(
         table.add_row(f"{name} (n={fig['n']})",
                       f"accuracy {pct(fig['accuracy_without'])} -> {pct(fig['accuracy_with'])}, "
                       f"gain {pct(fig['gain'])}, non-degradation {pct(fig['non_degradation_rate'])}, "
-                      f"teaching {fig['mean_teaching_tokens'] if fig['n'] else '-'} tokens, "
-                      f"reward {fig['mean_reward'] if fig['n'] else '-'}")
+                      f"teaching {_num(fig['mean_teaching_tokens'], '.1f')} tokens, "
+                      f"reward {_num(fig['mean_reward'], '+.3f')}")
     table.add_row("report", str(output))
     table.add_row("rows", str(rows_path(output)))
     _finish(table, summary, Path(data), rows_path(output), show_output=False)
 
 
 # --- shared ----------------------------------------------------------------------------------------
+
+
+def _num(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _with_progress(run):

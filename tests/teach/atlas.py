@@ -1,6 +1,5 @@
 """What the adaptive-teaching tests share: the GSM8K rows, small budgets, one call cache for the
-session (the eval and adaptive tests ask the same calls), and the `teach adaptive` / `teach eval`
-commands on the `teach` app."""
+session (the eval and adaptive tests ask the same calls)."""
 
 from __future__ import annotations
 
@@ -41,18 +40,6 @@ def cached(backend, tmp_path_factory):
     from localforge.backends.cache import with_cache
 
     return with_cache(backend, cache_dir(tmp_path_factory) / "calls.sqlite")
-
-
-def register() -> None:
-    """`localforge teach adaptive` and `teach eval` (commands/teach.py registers them; until it
-    does, the tests add them to the same app, as it will)."""
-    from localforge.commands import teach, teach_adaptive
-
-    names = {c.name for c in teach.app.registered_commands}
-    if "adaptive" not in names:
-        teach.app.command("adaptive")(teach_adaptive.adaptive)
-    if "eval" not in names:
-        teach.app.command("eval")(teach_adaptive.evaluate)
 
 
 def write(path: Path, rows) -> Path:

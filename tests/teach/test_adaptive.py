@@ -21,7 +21,6 @@ from tests.teach.atlas import (
     cached,
     gsm8k,
     needs_gsm8k,
-    register,
     rows,
     write,
 )
@@ -89,7 +88,6 @@ def test_band_bounds_are_settings():
 def test_a_dead_teacher_fails_every_item_with_its_reason(tmp_path, monkeypatch, capsys, tmp_path_factory):
     """The teacher on a closed port, the student in-process: each question fails at the score with
     the teacher and its URL named, in the rejects file; exit 1; nothing marked done."""
-    register()
     monkeypatch.setenv("LOCALFORGE_CACHE", str(cache_dir(tmp_path_factory)))
     dead = f"http://127.0.0.1:{free_port()}/v1"
     out = tmp_path / "out.jsonl"
@@ -184,7 +182,6 @@ def _bad_files(tmp) -> None:
 
 @pytest.mark.parametrize("case, args, code, named", BAD, ids=[c[0] for c in BAD])
 def test_bad_input_is_one_line_and_writes_nothing(case, args, code, named, tmp_path, monkeypatch, capsys):
-    register()
     _bad_files(tmp_path)
     monkeypatch.setenv("LOCALFORGE_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)

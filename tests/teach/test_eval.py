@@ -25,7 +25,6 @@ from tests.teach.atlas import (
     cached,
     gsm8k,
     needs_gsm8k,
-    register,
     rows,
     write,
 )
@@ -106,7 +105,6 @@ def test_the_cli_gives_the_same_report_from_the_cache(evaluated, tmp_path, monke
     """The same questions and settings through `localforge teach eval` (a fresh llama.cpp backend,
     the same call cache): every call is a cache hit and the figures are the same; a re-run on the
     same report skips every question."""
-    register()
     folder, data, _, result, _ = evaluated
     monkeypatch.setenv("LOCALFORGE_CACHE", str(cache_dir(tmp_path_factory)))
     args = ["teach", "eval", "--data", str(data), "--limit", str(N), "-o", str(tmp_path / "r.json"),
@@ -200,7 +198,6 @@ def bad_files(tmp: Path) -> None:
 
 @pytest.mark.parametrize("case, args, code, named", BAD, ids=[c[0] for c in BAD])
 def test_bad_input_is_one_line_and_writes_nothing(case, args, code, named, tmp_path, monkeypatch, capsys):
-    register()
     bad_files(tmp_path)
     monkeypatch.setenv("LOCALFORGE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run" / "report.json"

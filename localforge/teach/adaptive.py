@@ -27,17 +27,16 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
 from localforge.errors import ConfigError, UsageError
-from localforge.resumable import ResumableOutput, check_free, check_output
+from localforge.resumable import check_free, check_output
 from localforge.settings import load_settings
-from localforge.teach.dcr import ItemFailed, Models
+from localforge.teach.batch import ItemFailed, Models, row_key, run_batch
 from localforge.teach.settings import TeachSettings
 
 JOB = "teach adaptive"
@@ -319,70 +318,20 @@ def check(input: str | Path, out: str | Path, job: str = JOB, need_answer: bool 
     return items
 
 
-def _done_key(row: dict):
-    return (row["item"], str(row.get("settings"))) if isinstance(row.get("item"), str) else None
-
-
-def _row_key(row: dict):
-    return row["_provenance"]["item"], row["_provenance"]["settings"]
-
-
 def run_items(items: list[Item], input: Path, out: Path, settings: AdaptiveSettings,
               work: Callable[[Item, Models], dict], job: str, on_event: Callable[..., None] | None = None,
               teacher=None, student=None) -> tuple[Summary, list[dict]]:
     """Run ``work`` on every item not yet done in ``out`` (resumable, in parallel on server
     teachers); return the summary and the rows of this run's items (in input order), the ones
     finished in an earlier run included."""
-    emit = on_event or (lambda kind, **data: None)
-    t0 = time.perf_counter()
-    summary = Summary(items=len(items))
-    digest, phash = settings.digest(), prompt_hash()
     models = Models(settings, teacher, student)  # a model that cannot load fails here, before any file
-    try:
-        with ResumableOutput(out, done_key=_done_key, row_key=_row_key, job=job) as output:
-            todo = [it for it in items if (it.key, digest) not in output.done]
-            summary.skipped = len(items) - len(todo)
-            summary.concurrency = min(settings.concurrency or models.parallel, max(len(todo), 1))
-            emit("start", total=len(items), skipped=summary.skipped, concurrency=summary.concurrency)
-
-            def provenance(item: Item) -> dict:
-                return {"source": str(input), "line": item.line, "item": item.key, "settings": digest,
-                        "teacher": models.describe(models.teacher), "student": models.describe(models.student),
-                        "prompt_hash": phash, "made_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-            def one(item: Item):
-                try:
-                    return item, work(item, models), None
-                except ItemFailed as exc:
-                    return item, None, exc
-
-            def record(item: Item, result: dict | None, error: ItemFailed | None) -> None:
-                if error is not None:
-                    attempts = [asdict(a) for a in getattr(error.error, "attempts", [])]
-                    output.write(output.rejects, {
-                        "line": item.line, "question": item.question, "stage": error.stage, "error": str(error),
-                        "attempts": attempts, "history": error.history, "_provenance": provenance(item)})
-                    output.sync()  # not finished: a re-run tries it again (and drops this row)
-                    summary.failed.append((item.line, str(error)))
-                    emit("item", status="failed", line=item.line, reason=str(error))
-                    return
-                output.write(output.out, {**item.row, **result, "_provenance": provenance(item)})
-                output.finish({"item": item.key, "settings": digest, "line": item.line, "band": result["band"]})
-                summary.done += 1
-                emit("item", status="done", line=item.line, band=result["band"])
-
-            if summary.concurrency <= 1:
-                for item in todo:
-                    record(*one(item))
-            else:
-                pool = ThreadPoolExecutor(max_workers=summary.concurrency)
-                try:
-                    for future in as_completed([pool.submit(one, item) for item in todo]):
-                        record(*future.result())
-                finally:
-                    pool.shutdown(wait=True, cancel_futures=True)
-    finally:
-        models.close()
+    summary = run_batch(items, input, out, settings, models, lambda item: work(item, models), job=job,
+                        summary=Summary(items=len(items)), phash=prompt_hash(),
+                        label=lambda item: {"question": item.question},
+                        progress=lambda result: {"band": result["band"]},
+                        tally=lambda summary, result: None, on_event=on_event)
+    t0 = time.perf_counter()
+    digest = settings.digest()
     from localforge.resumable import read_rows
 
     wanted = {(it.key, digest): it.line for it in items}
@@ -390,13 +339,13 @@ def run_items(items: list[Item], input: Path, out: Path, settings: AdaptiveSetti
     rows.sort(key=lambda r: wanted[_key(r)])
     for row in rows:
         summary.bands[row["band"]] = summary.bands.get(row["band"], 0) + 1
-    summary.seconds = time.perf_counter() - t0
+    summary.seconds += time.perf_counter() - t0
     return summary, rows
 
 
 def _key(row: dict):
     try:
-        return _row_key(row)
+        return row_key(row)
     except (KeyError, TypeError):
         return None
 

@@ -24,20 +24,17 @@ runs in-process answers one call at a time (a lock per loaded model).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import threading
-import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from localforge.errors import ConfigError, UsageError
-from localforge.resumable import ResumableOutput, check_free, check_output
-from localforge.teach.settings import PROMPT_VERSION, Role, TeachSettings
+from localforge.resumable import check_free, check_output
+from localforge.teach.batch import ItemFailed, Models, run_batch
+from localforge.teach.settings import PROMPT_VERSION, TeachSettings
 
 JOB = "teach dcr"
 MAX_CLAIMS = 6
@@ -218,70 +215,6 @@ def prompt_hash() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-# --- the models ----------------------------------------------------------------------------------
-
-
-class ItemFailed(Exception):
-    """One item could not be improved: ``stage`` (draft, critique, verify, rewrite) and the reason."""
-
-    def __init__(self, stage: str, who: str, error: BaseException, history: list[dict]):
-        from localforge.backends.types import first_line
-
-        self.stage, self.error, self.history = stage, error, history
-        super().__init__(f"{stage}: {who}: {' '.join(first_line(error).split())[:300]}")
-
-
-class Models:
-    """The teacher and the student as loaded backends (one backend when both are the same model),
-    with a lock for each model that runs in-process (one call at a time)."""
-
-    def __init__(self, settings: TeachSettings, teacher=None, student=None):
-        from localforge.backends import get_backend
-
-        self._own: list[Any] = []
-        cache = settings.cache or None
-
-        def build(role: Role):
-            backend = get_backend(role.backend, role.model, cache=cache, **role.backend_options())
-            self._own.append(backend)
-            return backend
-
-        try:
-            self.teacher = teacher or build(settings.teacher)
-            if student is not None:
-                self.student = student
-            elif teacher is None and settings.student.key() == settings.teacher.key():
-                self.student = self.teacher
-            else:
-                self.student = build(settings.student)
-        except BaseException:
-            self.close()
-            raise
-        self._locks = {id(b): threading.Lock() if b.capabilities.parallel <= 1 else contextlib.nullcontext()
-                       for b in (self.teacher, self.student)}
-
-    @property
-    def parallel(self) -> int:
-        return max(1, self.teacher.capabilities.parallel)
-
-    def using(self, backend):
-        return self._locks[id(backend)]
-
-    @staticmethod
-    def describe(backend) -> dict:
-        return {"backend": backend.name, "model": backend.model_name or backend.model_ref}
-
-    def who(self, backend) -> str:
-        role = "teacher" if backend is self.teacher else "student"
-        where = getattr(backend, "base_url", None)
-        return f"{role} ({backend.name} {backend.model_name or backend.model_ref}{' at ' + where if where else ''})"
-
-    def close(self) -> None:
-        for backend in self._own:
-            backend.close()
-        self._own = []
-
-
 # --- one item ------------------------------------------------------------------------------------
 
 
@@ -382,75 +315,21 @@ def check(input: str | Path, out: str | Path) -> list[Item]:
     return items
 
 
-def _done_key(row: dict):
-    return (row["item"], str(row.get("settings"))) if isinstance(row.get("item"), str) else None
-
-
-def _row_key(row: dict):
-    return row["_provenance"]["item"], row["_provenance"]["settings"]
-
-
 def run(input: str | Path, out: str | Path, settings: TeachSettings,
         on_event: Callable[..., None] | None = None, teacher=None, student=None) -> Summary:
     """Improve every item of ``input`` into ``out``; ``on_event(kind, **data)`` reports progress
-    (``start`` total/skipped/concurrency, then ``item`` with status done, failed or skipped)."""
-    emit = on_event or (lambda kind, **data: None)
-    t0 = time.perf_counter()
+    (``start`` total/skipped/concurrency, then ``item`` with status done or failed)."""
     out = Path(out)
     items = check(input, out)
-    summary = Summary(items=len(items))
-    digest = settings.digest()
-    phash = prompt_hash()
     models = Models(settings, teacher, student)  # a model that cannot load fails here, before any file
-    try:
-        with ResumableOutput(out, done_key=_done_key, row_key=_row_key, job=JOB) as output:
-            todo = [it for it in items if (it.key, digest) not in output.done]
-            summary.skipped = len(items) - len(todo)
-            summary.concurrency = min(settings.concurrency or models.parallel, max(len(todo), 1))
-            emit("start", total=len(items), skipped=summary.skipped, concurrency=summary.concurrency)
 
-            def provenance(item: Item) -> dict:
-                return {"source": str(input), "line": item.line, "item": item.key, "settings": digest,
-                        "teacher": models.describe(models.teacher), "student": models.describe(models.student),
-                        "prompt_hash": phash, "made_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    def tally(summary: Summary, result: dict) -> None:
+        summary.passed += result["passed"]
+        summary.iterations += result["iterations"]
+        summary._score += result["score"]
 
-            def one(item: Item):
-                try:
-                    return item, improve(item, models, settings), None
-                except ItemFailed as exc:
-                    return item, None, exc
-
-            def record(item: Item, result: dict | None, error: ItemFailed | None) -> None:
-                if error is not None:
-                    attempts = [asdict(a) for a in getattr(error.error, "attempts", [])]
-                    output.write(output.rejects, {
-                        "line": item.line, "instruction": item.instruction, "stage": error.stage,
-                        "error": str(error), "attempts": attempts, "history": error.history,
-                        "_provenance": provenance(item)})
-                    output.sync()  # not finished: a re-run tries it again (and drops this row)
-                    summary.failed.append((item.line, str(error)))
-                    emit("item", status="failed", line=item.line, reason=str(error))
-                    return
-                output.write(output.out, {**item.row, **result, "_provenance": provenance(item)})
-                output.finish({"item": item.key, "settings": digest, "line": item.line,
-                               "score": result["score"], "passed": result["passed"]})
-                summary.done += 1
-                summary.passed += result["passed"]
-                summary.iterations += result["iterations"]
-                summary._score += result["score"]
-                emit("item", status="done", line=item.line, score=result["score"], passed=result["passed"])
-
-            if summary.concurrency <= 1:
-                for item in todo:
-                    record(*one(item))
-            else:
-                pool = ThreadPoolExecutor(max_workers=summary.concurrency)
-                try:
-                    for future in as_completed([pool.submit(one, item) for item in todo]):
-                        record(*future.result())
-                finally:
-                    pool.shutdown(wait=True, cancel_futures=True)
-    finally:
-        models.close()
-    summary.seconds = time.perf_counter() - t0
-    return summary
+    return run_batch(items, Path(input), out, settings, models, lambda item: improve(item, models, settings),
+                     job=JOB, summary=Summary(items=len(items)), phash=prompt_hash(),
+                     label=lambda item: {"instruction": item.instruction},
+                     progress=lambda result: {"score": result["score"], "passed": result["passed"]},
+                     tally=tally, on_event=on_event)

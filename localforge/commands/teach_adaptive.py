@@ -5,39 +5,38 @@ Plain functions (``adaptive``, ``evaluate``), registered in ``commands/teach.py`
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from localforge.commands import common
+from localforge.commands.teach_common import (
+    Config,
+    StudentBackend,
+    StudentBaseUrl,
+    StudentModel,
+    TeacherBackend,
+    TeacherBaseUrl,
+    TeacherModel,
+    finish,
+    role_flags,
+    summary_table,
+    with_progress,
+)
 
-TEACHER = "Teacher"
-STUDENT = "Student"
 ATLAS = "Adaptive teaching"
-
-Config = Annotated[Path | None, typer.Option("--config", "-c", help="A YAML file of teach settings (teacher:, student:, and the keys below).")]
 ProbeTokens = Annotated[int | None, typer.Option("--probe-tokens", min=1, rich_help_panel=ATLAS, help="Tokens the student may use to state its approach (default 50).")]
 TeachingTokens = Annotated[int | None, typer.Option("--teaching-tokens", min=1, rich_help_panel=ATLAS, help="Tokens the teacher may use for its guidance (default 200).")]
 AnswerTokens = Annotated[int | None, typer.Option("--answer-tokens", min=1, rich_help_panel=ATLAS, help="Tokens per student answer (default 256).")]
 Concurrency = Annotated[int | None, typer.Option("--concurrency", min=1, rich_help_panel=ATLAS, help="Items in flight at once (default: the teacher server's parallel requests; 1 in-process).")]
 Cache = Annotated[bool | None, typer.Option("--cache/--no-cache", rich_help_panel=ATLAS, help="Reuse answers from the call cache (default on).")]
-TeacherBackend = Annotated[str | None, typer.Option("--teacher-backend", callback=common.known_backend, rich_help_panel=TEACHER, help="auto (the default), or a backend from `localforge doctor`.")]
-TeacherModel = Annotated[str | None, typer.Option("--teacher-model", rich_help_panel=TEACHER, help="The teacher model (default: the embedded default model).")]
-TeacherBaseUrl = Annotated[str | None, typer.Option("--teacher-base-url", rich_help_panel=TEACHER, help="The teacher's server URL, for server backends.")]
-StudentBackend = Annotated[str | None, typer.Option("--student-backend", callback=common.known_backend, rich_help_panel=STUDENT, help="auto (the default), or a backend from `localforge doctor`.")]
-StudentModel = Annotated[str | None, typer.Option("--student-model", rich_help_panel=STUDENT, help="The student model (default: the embedded default model).")]
-StudentBaseUrl = Annotated[str | None, typer.Option("--student-base-url", rich_help_panel=STUDENT, help="The student's server URL, for server backends.")]
 
 
-def _flags(**given) -> dict:
+def _flags(roles: dict, **given) -> dict:
     names = {"probe_tokens": "--probe-tokens", "teaching_tokens": "--teaching-tokens", "max_tokens": "--answer-tokens",
-             "concurrency": "--concurrency", "cache": "--cache", "checker": "--checker",
-             "teacher.backend": "--teacher-backend", "teacher.model": "--teacher-model",
-             "teacher.base_url": "--teacher-base-url", "student.backend": "--student-backend",
-             "student.model": "--student-model", "student.base_url": "--student-base-url"}
-    return {key: (names[key], value) for key, value in given.items()}
+             "concurrency": "--concurrency", "cache": "--cache", "checker": "--checker"}
+    return {**{key: (names[key], value) for key, value in given.items()}, **roles}
 
 
 def adaptive(
@@ -71,21 +70,20 @@ def adaptive(
     if len(paths) != 1:
         raise UsageError("give one JSONL file of questions, e.g. `localforge teach adaptive questions.jsonl -o taught.jsonl`"
                          if not paths else f"give one JSONL file of questions, got {len(paths)}: {' '.join(paths)}")
-    flags = _flags(probe_tokens=probe_tokens, teaching_tokens=teaching_tokens, max_tokens=answer_tokens,
-                   concurrency=concurrency, cache=cache, **{
-                       "teacher.backend": teacher_backend, "teacher.model": teacher_model,
-                       "teacher.base_url": teacher_base_url, "student.backend": student_backend,
-                       "student.model": student_model, "student.base_url": student_base_url})
+    roles = role_flags(teacher_backend, teacher_model, teacher_base_url, student_backend, student_model,
+                       student_base_url)
+    flags = _flags(roles, probe_tokens=probe_tokens, teaching_tokens=teaching_tokens, max_tokens=answer_tokens,
+                   concurrency=concurrency, cache=cache)
     settings = load_adaptive_settings(config, overrides, flags)
     check(paths[0], output)  # the questions and -o, before the progress bar: one line, no files
     for role in (settings.teacher, settings.student):
         common.engine_note(role.backend)
     from localforge.teach.adaptive import run
 
-    summary = _with_progress(lambda on_event: run(paths[0], output, settings, on_event))
-    table = _table("teach adaptive", summary)
+    summary = with_progress(lambda on_event: run(paths[0], output, settings, on_event), "questions")
+    table = summary_table("teach adaptive", summary, "questions")
     table.add_row("bands", ", ".join(f"{b} {n}" for b, n in summary.bands.items()))
-    _finish(table, summary, Path(paths[0]), Path(output))
+    finish(table, summary, Path(paths[0]), Path(output), "questions")
 
 
 def evaluate(
@@ -122,11 +120,10 @@ def evaluate(
         raise UsageError(f"unknown argument {extra[0]!r}: give the questions with --data FILE and settings as key=value")
     if checker is not None and checker not in ("number", "judge"):
         raise UsageError(f"--checker {checker!r}: choose number or judge")
-    flags = _flags(probe_tokens=probe_tokens, teaching_tokens=teaching_tokens, max_tokens=answer_tokens,
-                   concurrency=concurrency, cache=cache, checker=checker, **{
-                       "teacher.backend": teacher_backend, "teacher.model": teacher_model,
-                       "teacher.base_url": teacher_base_url, "student.backend": student_backend,
-                       "student.model": student_model, "student.base_url": student_base_url})
+    roles = role_flags(teacher_backend, teacher_model, teacher_base_url, student_backend, student_model,
+                       student_base_url)
+    flags = _flags(roles, probe_tokens=probe_tokens, teaching_tokens=teaching_tokens, max_tokens=answer_tokens,
+                   concurrency=concurrency, cache=cache, checker=checker)
     settings = load_adaptive_settings(config, list(overrides or []), flags)
     check_eval(data, output, limit)
     for role in (settings.teacher, settings.student):
@@ -137,9 +134,9 @@ def evaluate(
         holder["report"], summary = run(data, output, settings, limit, on_event)
         return summary
 
-    summary = _with_progress(go)
+    summary = with_progress(go, "questions")
     report = holder["report"]
-    table = _table("teach eval", summary)
+    table = summary_table("teach eval", summary, "questions")
 
     def pct(x):
         return "-" if x is None else f"{100 * x:.1f}%"
@@ -152,7 +149,7 @@ def evaluate(
                       f"reward {_num(fig['mean_reward'], '+.3f')}")
     table.add_row("report", str(output))
     table.add_row("rows", str(rows_path(output)))
-    _finish(table, summary, Path(data), rows_path(output), show_output=False)
+    finish(table, summary, Path(data), rows_path(output), "questions", show_output=False)
 
 
 # --- shared ----------------------------------------------------------------------------------------
@@ -162,52 +159,3 @@ def _num(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _with_progress(run):
-    from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    console = common.console(stderr=True)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console,
-                  transient=False, disable=not console.is_terminal) as bar:
-        task = bar.add_task("questions", total=None, rate="")
-        made = {"n": 0}
-
-        def on_event(kind, **data):
-            if kind == "start":
-                bar.update(task, total=data["total"], completed=data["skipped"])
-            elif kind == "item":
-                bar.advance(task)
-                if data["status"] == "done":
-                    made["n"] += 1
-                    bar.update(task, rate=f"{made['n'] / (bar.tasks[task].elapsed or 1e-9):.2f} questions/s")
-                elif data["status"] == "failed" and console.is_terminal:
-                    console.print(f"[red]failed:[/] line {data['line']}: {escape(data['reason'])}", highlight=False)
-
-        try:
-            return run(on_event)
-        except BaseException:
-            bar.live.transient = True
-            raise
-
-
-def _table(title: str, summary):
-    from rich.table import Table
-
-    table = Table(title=title, show_header=False)
-    table.add_row("questions", f"{summary.done} done, {summary.skipped} already done, {len(summary.failed)} failed")
-    return table
-
-
-def _finish(table, summary, input: Path, output: Path, show_output: bool = True) -> None:
-    from localforge.resumable import sidecar
-
-    if show_output:
-        table.add_row("output", str(output))
-    if summary.failed:
-        table.add_row("failed questions", f"{len(summary.failed)} -> {sidecar(output, 'rejects')}")
-    table.add_row("time", f"{summary.seconds:.1f} s ({summary.concurrency} at once)")
-    common.console(stderr=True).print(table)
-    for line, reason in summary.failed:
-        sys.stderr.write(f"failed: {input} line {line}: {reason}\n")
-    raise typer.Exit(1 if summary.failed else 0)

@@ -42,7 +42,7 @@ from localforge.backends.types import (
     RequestTooLarge,
     Unsupported,
 )
-from localforge.errors import ConfigError, UsageError
+from localforge.errors import ConfigError, LocalforgeError, UsageError
 
 __all__ = [
     "Backend", "BackendError", "BackendTimeout", "BackendUnavailable", "Capabilities", "ChatResult",
@@ -102,6 +102,18 @@ def check_server_options(name: str, base_url: str | None, where: str = "--base-u
     from localforge.backends.server import normalize_url
 
     normalize_url(base_url, where)
+
+
+def server_url(cls, value: str | None, info) -> str | None:
+    """A pydantic field validator for a settings model's ``base_url`` (after its ``backend``):
+    ``_url = field_validator("base_url")(server_url)``. A URL given to a backend that takes none,
+    or one that is not a URL, is a validation error, so the settings loader names the flag, the
+    override or the file it came from."""
+    try:
+        check_server_options(info.data.get("backend", "auto"), value, where="")
+    except LocalforgeError as exc:
+        raise ValueError(str(exc).strip()) from None
+    return value
 
 
 def resolve_auto(model: str, adapter: bool = False) -> str:

@@ -20,9 +20,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from localforge.errors import LocalforgeError, UsageError
+from localforge.backends import server_url
+from localforge.errors import UsageError
 from localforge.extract.chunking import Chunk, chunk_text
 from localforge.extract.convert import SUPPORTED, Converted, Converter, DocumentError
 from localforge.extract.grounding import ground_record
@@ -64,17 +65,7 @@ class ExtractSettings(BackendChoice):
     pdf_mode: Literal["auto", "native", "standard"] = "auto"
     pdf_password: str | None = Field(None, description="opens encrypted PDFs (not part of the settings digest)")
 
-    @field_validator("base_url")
-    @classmethod
-    def _a_server_url(cls, value: str | None, info: ValidationInfo) -> str | None:
-        """A URL for a server backend (the error names the flag, the override or the file)."""
-        from localforge.backends import check_server_options
-
-        try:
-            check_server_options(info.data.get("backend", "auto"), value, where="")
-        except LocalforgeError as exc:
-            raise ValueError(str(exc).strip()) from None
-        return value
+    _a_server_url = field_validator("base_url")(server_url)  # the error names the flag, override or file
 
     @model_validator(mode="after")
     def _resolve(self) -> ExtractSettings:

@@ -15,9 +15,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from localforge.errors import LocalforgeError
+from localforge.backends import server_url
 from localforge.settings import BackendChoice, load_settings
 
 PROMPT_VERSION = "dcr-v1"
@@ -28,17 +28,7 @@ class Role(BackendChoice):
 
     model_config = ConfigDict(extra="forbid")
 
-    @field_validator("base_url")
-    @classmethod
-    def _a_server_url(cls, value: str | None, info: ValidationInfo) -> str | None:
-        """A URL for a server backend (the error names the flag, the override or the file)."""
-        from localforge.backends import check_server_options
-
-        try:
-            check_server_options(info.data.get("backend", "auto"), value, where="")
-        except LocalforgeError as exc:
-            raise ValueError(str(exc).strip()) from None
-        return value
+    _a_server_url = field_validator("base_url")(server_url)  # the error names the flag, override or file
 
     @field_validator("backend")
     @classmethod

@@ -36,7 +36,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from localforge.errors import ConfigError, UsageError
 from localforge.resumable import check_free, check_output
 from localforge.settings import load_settings
-from localforge.teach.batch import ItemFailed, Models, row_key, run_batch
+from localforge.teach.batch import ItemFailed, Models, read_jsonl, row_key, run_batch
 from localforge.teach.settings import TeachSettings
 
 JOB = "teach adaptive"
@@ -132,39 +132,11 @@ def _check_row(row: Any, where: str, need_answer: bool) -> None:
 
 def read_items(path: str | Path, need_answer: bool = False, limit: int | None = None,
                flag: str | None = None) -> list[Item]:
-    """The items of a JSONL file (the first ``limit`` when given), checked: a bad line is a
-    one-line error naming the file and line, before any output exists. Blank lines are skipped."""
+    """The items of a JSONL file (the first ``limit`` when given), checked (``batch.read_jsonl``)."""
     path = Path(path)
-    name = f"{flag} {path}" if flag else str(path)
-    if not path.exists():
-        raise UsageError(f"{name}: no such file")
-    if path.is_dir():
-        raise UsageError(f"{name}: a folder; give a JSONL file of questions")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}): save it as UTF-8 JSONL") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    items: list[Item] = []
-    seen: dict[str, int] = {}
-    for n, line in enumerate(text.splitlines(), 1):
-        if limit is not None and len(items) >= limit:
-            break
-        if not line.strip():
-            continue
-        where = f"{path} line {n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{where}: not valid JSON ({exc.msg}, column {exc.colno})") from None
-        _check_row(row, where, need_answer)
-        digest = hashlib.sha256(json.dumps(row, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
-        seen[digest] = seen.get(digest, -1) + 1
-        items.append(Item(n, row, f"{digest}-{seen[digest]}"))
-    if not items:
-        raise ConfigError(f"{path}: no items: give one JSON object per line, each with \"question\"")
-    return items
+    rows = read_jsonl(path, lambda row, where: _check_row(row, where, need_answer), "questions", "question",
+                      name=f"{flag} {path}" if flag else None, limit=limit)
+    return [Item(n, row, key) for n, row, key in rows]
 
 
 # --- prompts -------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ when the teacher is a server, failed items to the rejects file with their stage 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -13,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from localforge.errors import ConfigError, UsageError
 from localforge.resumable import ResumableOutput
 from localforge.teach.settings import Role, TeachSettings
 
@@ -76,6 +79,47 @@ class Models:
         for backend in self._own:
             backend.close()
         self._own = []
+
+
+# --- the input -----------------------------------------------------------------------------------
+
+
+def read_jsonl(path: Path, check: Callable[[Any, str], None], noun: str, field: str,
+               name: str | None = None, limit: int | None = None) -> list[tuple[int, dict, str]]:
+    """The rows of a JSONL file of ``noun`` as (line, row, key), each checked by ``check(row, where)``
+    before any output exists: a bad line is a one-line error naming the file and line. Blank lines
+    are skipped; ``limit`` takes the first rows. A row's key is its content hash and which copy of
+    that content it is, so it stays the same when lines move."""
+    name = name or str(path)
+    if not path.exists():
+        raise UsageError(f"{name}: no such file")
+    if path.is_dir():
+        raise UsageError(f"{name}: a folder; give a JSONL file of {noun}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}): save it as UTF-8 JSONL") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    rows: list[tuple[int, dict, str]] = []
+    seen: dict[str, int] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        if limit is not None and len(rows) >= limit:
+            break
+        if not line.strip():
+            continue
+        where = f"{path} line {n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{where}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+        check(row, where)
+        digest = hashlib.sha256(json.dumps(row, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+        seen[digest] = seen.get(digest, -1) + 1
+        rows.append((n, row, f"{digest}-{seen[digest]}"))
+    if not rows:
+        raise ConfigError(f"{path}: no {noun}: give one JSON object per line, each with \"{field}\"")
+    return rows
 
 
 # --- the batch -----------------------------------------------------------------------------------

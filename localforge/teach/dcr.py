@@ -33,7 +33,7 @@ from typing import Any
 
 from localforge.errors import ConfigError, UsageError
 from localforge.resumable import check_free, check_output
-from localforge.teach.batch import ItemFailed, Models, run_batch
+from localforge.teach.batch import ItemFailed, Models, read_jsonl, run_batch
 from localforge.teach.settings import PROMPT_VERSION, TeachSettings
 
 JOB = "teach dcr"
@@ -118,36 +118,8 @@ def _check_row(row: Any, where: str) -> None:
 
 
 def read_items(path: str | Path) -> list[Item]:
-    """Every item of a JSONL file, checked: a bad line is a one-line error naming the file and line
-    (before any output exists). Blank lines are skipped."""
-    path = Path(path)
-    if not path.exists():
-        raise UsageError(f"{path}: no such file")
-    if path.is_dir():
-        raise UsageError(f"{path}: a folder; give a JSONL file of items")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}): save it as UTF-8 JSONL") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    items: list[Item] = []
-    seen: dict[str, int] = {}
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path} line {n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{where}: not valid JSON ({exc.msg}, column {exc.colno})") from None
-        _check_row(row, where)
-        digest = hashlib.sha256(json.dumps(row, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
-        seen[digest] = seen.get(digest, -1) + 1
-        items.append(Item(n, row, f"{digest}-{seen[digest]}"))
-    if not items:
-        raise ConfigError(f"{path}: no items: give one JSON object per line, each with \"instruction\"")
-    return items
+    """Every item of a JSONL file, checked (``batch.read_jsonl``)."""
+    return [Item(n, row, key) for n, row, key in read_jsonl(Path(path), _check_row, "items", "instruction")]
 
 
 # --- prompts -------------------------------------------------------------------------------------

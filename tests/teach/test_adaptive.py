@@ -145,7 +145,7 @@ BAD = [
     ("question-number", ["{tmp}/question-number.jsonl"], 1, "line 1: \"question\" must be"),
     ("answer-number", ["{tmp}/answer-number.jsonl"], 1, "line 1: \"answer\" must be a string"),
     ("not-an-object", ["{tmp}/list-row.jsonl"], 1, "line 1: expected a JSON object"),
-    ("empty-input", ["{tmp}/empty.jsonl"], 1, "empty.jsonl: no items"),
+    ("empty-input", ["{tmp}/empty.jsonl"], 1, "empty.jsonl: no questions"),
     ("not-utf8", ["{tmp}/latin.jsonl"], 1, "latin.jsonl: not UTF-8"),
     ("no-output", ["{tmp}/good.jsonl", "-o", None], 2, "--output"),
     ("output-folder", ["{tmp}/good.jsonl", "-o", "{tmp}/folder"], 2, "-o {tmp}/folder"),

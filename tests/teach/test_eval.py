@@ -169,7 +169,7 @@ BAD = [
     ("no-answer", ["--data", "{tmp}/no-answer.jsonl"], 1, "line 1: \"answer\""),
     ("no-question", ["--data", "{tmp}/no-question.jsonl"], 1, "line 1: \"question\" is missing"),
     ("bad-json", ["--data", "{tmp}/bad-json.jsonl"], 1, "bad-json.jsonl line 2: not valid JSON"),
-    ("empty", ["--data", "{tmp}/empty.jsonl"], 1, "empty.jsonl: no items"),
+    ("empty", ["--data", "{tmp}/empty.jsonl"], 1, "empty.jsonl: no questions"),
     ("checker", ["--data", "{tmp}/good.jsonl", "--checker", "regex"], 2, "--checker"),
     ("limit-zero", ["--data", "{tmp}/good.jsonl", "--limit", "0"], 2, "--limit"),
     ("probe-zero", ["--data", "{tmp}/good.jsonl", "--probe-tokens", "0"], 2, "--probe-tokens"),

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from localforge.resumable import output_files, sidecar
+from localforge.resumable import sidecar
 from localforge.teach.dcr import run
 from localforge.teach.settings import TeachSettings
-from tests.helpers import MODEL, assert_one_line, cli_main
+from tests.helpers import MODEL, cli_main
 from tests.servers import _Handler, free_port, serve
+from tests.teach.common import check_bad_input
 
 ITEMS = [
     {"id": 1, "instruction": "What is 2 plus 3? Answer with the number."},
@@ -276,16 +277,4 @@ def _bad_files(tmp: Path) -> None:
 @pytest.mark.parametrize("case, args, code, named", BAD, ids=[c[0] for c in BAD])
 def test_bad_input_is_one_line_and_writes_nothing(case, args, code, named, tmp_path, monkeypatch, capsys):
     _bad_files(tmp_path)
-    monkeypatch.setenv("LOCALFORGE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
-    out = tmp_path / "run" / "out.jsonl"
-    args = [a.replace("{tmp}", str(tmp_path)) for a in args if a is not None]
-    if "-o" not in args:
-        args += ["-o", str(out)]
-    elif args[-1] == "-o":
-        args.pop()
-    got, _, err = cli_main(monkeypatch, capsys, "teach", "dcr", *args)
-    assert_one_line(got, err, code, named.replace("{tmp}", str(tmp_path)))
-    assert not (tmp_path / "run").exists()
-    for path in output_files(out)[1:] + output_files(tmp_path / "folder")[1:]:
-        assert not path.exists(), f"{path} was left behind"
+    check_bad_input("dcr", args, code, named, tmp_path, monkeypatch, capsys)

@@ -195,5 +195,6 @@ def run_batch(items: list, input: Path, out: Path, settings: TeachSettings, mode
                     pool.shutdown(wait=True, cancel_futures=True)
     finally:
         models.close()
+    summary.failed.sort()  # input order, whatever order parallel items finished in
     summary.seconds = time.perf_counter() - t0
     return summary

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -36,7 +37,14 @@ def _no_bool(value):
 Int = Annotated[int, BeforeValidator(_no_bool)]
 Float = Annotated[float, BeforeValidator(_no_bool)]
 Count = Annotated[Int, Field(ge=1)]  # a whole number, 1 or more
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+def _plain_text(value: str) -> str:
+    """A name or a path: no control characters (a tab, \\x1f or NUL in a path is a slip, not a name)."""
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        raise ValueError(f"expected plain text without control characters, got {value!r:.40}")
+    return value
+
+
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1), AfterValidator(_plain_text)]
 SEED_MAX = 2**32 - 1  # numpy's seeds are unsigned 32-bit
 
 

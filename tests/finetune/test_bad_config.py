@@ -69,7 +69,7 @@ CASES = [
     ("keep_checkpoints", "0", "keep_checkpoints"),
     ("weight_decay", "-0.1", "weight_decay"), ("max_grad_norm", "0", "max_grad_norm"),
     ("num_processes", "0", "num_processes"), ("num_processes", "-3", "num_processes"),
-    ("output_dir", "''", "output_dir"),
+    ("output_dir", "''", "output_dir"), ("output_dir", '"\\x1f"', "output_dir"), ("data", '"a\\tb"', "data"),
 ]
 FLAG_CASES = [  # (flags, exit code, the flag named)
     (["--num-processes", "0"], 2, "--num-processes"), (["--num-processes", "-3"], 2, "--num-processes"),
@@ -261,7 +261,9 @@ FIELDS = [f for f in _fields() if f[0] != "data"] + [("data", SCHEMA["properties
 def test_generated_invalid_values_are_config_errors_naming_the_key(tmp_path, key, prop):
     config = tmp_path / "c.yaml"
 
-    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.filter_too_much,
+    # derandomize: the same 40 examples per field on every run, so CI never turns red by chance; a
+    # value a random run once found (output_dir='\x1f', a control character) is pinned in CASES
+    @settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.filter_too_much,
                                                                       HealthCheck.function_scoped_fixture])
     @given(invalid_values(key, prop))
     def check(value):

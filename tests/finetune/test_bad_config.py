@@ -261,9 +261,9 @@ FIELDS = [f for f in _fields() if f[0] != "data"] + [("data", SCHEMA["properties
 def test_generated_invalid_values_are_config_errors_naming_the_key(tmp_path, key, prop):
     config = tmp_path / "c.yaml"
 
-    # derandomize: the same 40 examples per field on every run, so CI never turns red by chance; a
-    # value a random run once found (output_dir='\x1f', a control character) is pinned in CASES
-    @settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.filter_too_much,
+    # derandomized by the "ci" profile (tests/conftest.py); a value a random run once found
+    # (output_dir='\x1f', a control character) is pinned in CASES
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.filter_too_much,
                                                                       HealthCheck.function_scoped_fixture])
     @given(invalid_values(key, prop))
     def check(value):

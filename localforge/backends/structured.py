@@ -21,6 +21,7 @@ import json
 import re
 import threading
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -286,8 +287,12 @@ def generate_json(
     schema: Any,
     params: GenerationParams | None = None,
     attempts: int = 3,
+    check: Callable[[Any], None] | None = None,
 ) -> Any:
-    """Return an object that validates against ``schema`` (a model instance for pydantic)."""
+    """Return an object that validates against ``schema`` (a model instance for pydantic).
+
+    ``check(obj)`` adds what a schema cannot say (a value the answer must contain, say): a
+    ``ValueError`` it raises is re-asked like a schema error, its message fed back to the model."""
     import jsonschema
 
     schema_dict, model_cls = schema_of(schema)
@@ -326,7 +331,10 @@ def generate_json(
             if errors:
                 where = "/".join(str(p) for p in errors[0].absolute_path) or "(root)"
                 raise ValueError(f"{where}: {errors[0].message}")
-            return model_cls.model_validate(obj) if model_cls else obj
+            value = model_cls.model_validate(obj) if model_cls else obj
+            if check is not None:
+                check(value)
+            return value
         except ValueError as exc:
             cut = result.finish_reason == "length"
             error = (f"the answer reached the token limit ({params.max_tokens} tokens) before its JSON was "

@@ -101,6 +101,20 @@ def test_final_failure_carries_every_attempt():
     assert "n: 0 is less than the minimum of 1" in str(info.value)
 
 
+def test_a_check_is_reasked_like_a_schema_error():
+    """``check`` says what a schema cannot (here: the answer must be odd); its message is fed back."""
+    def odd(obj):
+        if obj["n"] % 2 == 0:
+            raise ValueError(f"n: {obj['n']} is even; give an odd digit")
+
+    be = Scripted(['{"n": 4}', '{"n": 3}'])
+    assert generate_json(be, [{"role": "user", "content": "A digit?"}], SCHEMA, check=odd) == {"n": 3}
+    assert "n: 4 is even; give an odd digit" in be.seen[-1][-1]["content"]
+    be = Scripted(['{"n": 2}', '{"n": 4}'])
+    with pytest.raises(StructuredOutputError, match="n: 4 is even"):
+        generate_json(be, [{"role": "user", "content": "A digit?"}], SCHEMA, attempts=2, check=odd)
+
+
 class City(BaseModel):
     city: str
 

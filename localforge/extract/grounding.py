@@ -127,19 +127,43 @@ def ground(value, text: str, span: tuple[int, int] | None = None, page_at=None) 
     return Grounding("ungrounded")
 
 
+def span_holds(value, status: str, found: str) -> bool:
+    """Whether ``found`` (the source text at a stored span) still holds ``value`` as its grounding
+    ``status`` says: the value itself (or one of a number's written forms), the same text after
+    normalising whitespace and case, or an approximate match above the fuzzy threshold."""
+    from rapidfuzz import fuzz
+
+    if not found.strip():
+        return False
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if status == "exact":
+        return found in (number_forms(value) if is_number else [str(value)])
+    if status == "normalized":
+        return not is_number and _normalized(found)[0] == _normalized(str(value).strip())[0]
+    if status == "fuzzy":
+        return not is_number and fuzz.ratio(str(value).strip().lower(), found.lower()) >= FUZZY_THRESHOLD * 100
+    return False
+
+
+def mentions(text: str, value) -> bool:
+    """Whether ``text`` states ``value``: as written (a number in one of its written forms, as a
+    whole word) or after normalising whitespace and case; never approximately."""
+    return ground(value, text).status in ("exact", "normalized")
+
+
+def walk_values(value, path: str = ""):
+    """(field path, value) for every string or number in a record's fields, by the paths
+    ``_grounding`` uses (``maker``, ``specs.power``, ``ports[0]``); lists item by item."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from walk_values(v, f"{path}.{k}" if path else k)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from walk_values(v, f"{path}[{i}]")
+    elif isinstance(value, str | int | float) and not isinstance(value, bool):
+        yield path, value
+
+
 def ground_record(record: dict, text: str, span: tuple[int, int], page_at=None) -> dict:
-    """Grounding for every string or number in a record (lists item by item), by field path."""
-    out: dict[str, dict] = {}
-
-    def walk(value, path: str) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(v, f"{path}.{k}" if path else k)
-        elif isinstance(value, list):
-            for i, v in enumerate(value):
-                walk(v, f"{path}[{i}]")
-        elif isinstance(value, str | int | float) and not isinstance(value, bool):
-            out[path] = ground(value, text, span, page_at).to_dict()
-
-    walk(record, "")
-    return out
+    """Grounding for every string or number in a record, by field path."""
+    return {path: ground(value, text, span, page_at).to_dict() for path, value in walk_values(record)}

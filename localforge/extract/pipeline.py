@@ -1,7 +1,7 @@
 """The extraction job: files -> converted text -> chunks -> records, written as they are made.
 
-Output is JSONL, one record per line: the extracted fields, ``_grounding`` (per field: status,
-span, page) and ``_provenance``. ``OUT.progress.jsonl`` marks each finished document (its hash
+Output is JSONL, one record per line: the extracted fields, ``_id`` (``records.record_id``: the
+document's hash and the fields), ``_grounding`` (per field: status, span, page) and ``_provenance``. ``OUT.progress.jsonl`` marks each finished document (its hash
 and the settings hash); a re-run skips finished documents and first drops any lines of
 unfinished ones (and a half-written last line), so a crash or kill -9 at any point loses
 nothing finished and duplicates nothing. Chunks that fail after every re-ask go to
@@ -27,6 +27,7 @@ from localforge.errors import UsageError
 from localforge.extract.chunking import Chunk, chunk_text
 from localforge.extract.convert import SUPPORTED, Converted, Converter, DocumentError
 from localforge.extract.grounding import ground_record
+from localforge.extract.records import record_id
 from localforge.extract.routing import models, parse_rule, pick
 from localforge.extract.schema import chunk_schema, echo_of, load_examples, load_schema
 from localforge.resumable import (  # noqa: F401 (OutputBusy, output_files, sidecar: part of this module's API)
@@ -318,7 +319,7 @@ def run(paths: Iterable[Path], out: Path, settings: ExtractSettings,
                 grounding = ground_record(rec, doc.text, (chunk.start, chunk.end), doc.page_at)
                 summary.values += len(grounding)
                 summary.grounded += sum(g["status"] != "ungrounded" for g in grounding.values())
-                ledger.write(ledger.out, {**rec, "_grounding": grounding,
+                ledger.write(ledger.out, {**rec, "_id": record_id(rec, doc.sha256), "_grounding": grounding,
                                           "_provenance": _provenance(doc, chunk, n_pass, backend, model, digest, prompt_hash)})
                 summary.records += 1
             ledger.finish(doc.sha256, digest, str(path), len(kept))

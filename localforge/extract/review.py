@@ -12,6 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from localforge.errors import ConfigError
+from localforge.extract.records import is_record, source_text
 
 _CSS = """
 body{font:14px/1.5 system-ui,sans-serif;margin:0;color:#222;background:#fafafa}
@@ -35,25 +36,14 @@ def _load(path: Path) -> list[dict]:
     for n, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
-            row["_provenance"]["file_sha256"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except json.JSONDecodeError:
+            row = None
+        if not is_record(row):
             if n == len(lines) and not line.endswith("\n"):
                 break  # a last line cut short by a crash: the next run drops it too
             raise ConfigError(f"{path}, line {n}: not a record written by `localforge extract`") from None
         rows.append(row)
     return rows
-
-
-def _source_text(prov: dict) -> str | None:
-    from localforge.extract.convert import Converter, DocumentError
-
-    mode = prov.get("mode", "")
-    pdf_mode = mode.removeprefix("docling-") if mode.startswith("docling-") else "auto"
-    try:
-        doc = Converter(pdf_mode=pdf_mode).convert(Path(prov["source"]))
-    except (DocumentError, OSError):
-        return None
-    return doc.text if doc.sha256 == prov["file_sha256"] else None
 
 
 def _highlight(text: str, spans: list[tuple[int, int, str, str]]) -> str:
@@ -83,7 +73,7 @@ def render(rows: list[dict]) -> str:
              "<span style='color:#fca5a5'>ungrounded</span></div></header>"]
     for doc_rows in by_doc.values():
         prov = doc_rows[0]["_provenance"]
-        text = _source_text(prov)
+        text = source_text(prov)
         spans, table = [], []
         for i, row in enumerate(doc_rows, 1):
             fields = {k: v for k, v in row.items() if not k.startswith("_")}

@@ -33,10 +33,10 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from localforge.errors import ConfigError, UsageError
-from localforge.resumable import check_free, check_output
+from localforge.errors import ConfigError
 from localforge.settings import load_settings
-from localforge.teach.batch import ItemFailed, Models, read_jsonl, row_key, run_batch
+from localforge.teach import batch
+from localforge.teach.batch import Models, check_out, read_jsonl, row_key, run_batch
 from localforge.teach.settings import TeachSettings
 
 JOB = "teach adaptive"
@@ -206,35 +206,8 @@ def prompt_hash() -> str:
 # --- one item ------------------------------------------------------------------------------------
 
 
-class Calls:
-    """Calls to the models for one item, each failure an ``ItemFailed`` naming the stage and who."""
-
-    def __init__(self, models: Models, settings: AdaptiveSettings):
-        from localforge.backends import GenerationParams
-
-        self.models, self.settings = models, settings
-        self.history: list[dict] = []
-        self._params = lambda n: GenerationParams(max_tokens=n, temperature=settings.temperature, seed=settings.seed)
-
-    def call(self, stage: str, backend, call: Callable[[], Any]) -> Any:
-        from localforge.backends import BackendError
-
-        try:
-            with self.models.using(backend):
-                return call()
-        except BackendError as exc:
-            raise ItemFailed(stage, self.models.who(backend), exc, self.history) from exc
-
-    def text(self, stage: str, backend, conv: list[dict], max_tokens: int):
-        result = self.call(stage, backend, lambda: backend.chat(conv, self._params(max_tokens)))
-        return result.text.strip(), result.completion_tokens
-
-    def json(self, stage: str, conv: list[dict], schema: dict) -> dict:
-        from localforge.backends import generate_json
-
-        teacher = self.models.teacher
-        return self.call(stage, teacher, lambda: generate_json(
-            teacher, conv, schema, self._params(self.settings.critique_tokens), attempts=self.settings.attempts))
+class Calls(batch.Calls):
+    """``batch.Calls`` and the student's answer to a question, with or without guidance."""
 
     def answer(self, question: str, teaching: str | None = None) -> str:
         stage = "answer-with" if teaching else "answer-without"
@@ -283,10 +256,7 @@ def check(input: str | Path, out: str | Path, job: str = JOB, need_answer: bool 
           limit: int | None = None, flag: str | None = None) -> list[Item]:
     """Everything checked before a run: the items and the output path (one-line errors, no files made)."""
     items = read_items(input, need_answer, limit, flag)
-    check_output(out, noun="items")
-    if Path(out).resolve() == Path(input).resolve():
-        raise UsageError(f"-o {out}: that is the input file; give another file for the output")
-    check_free(Path(out), job)
+    check_out(input, out, job)
     return items
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from localforge.errors import ConfigError, UsageError
-from localforge.resumable import ResumableOutput
-from localforge.teach.settings import Role, TeachSettings
+from localforge.resumable import ResumableOutput, check_free, check_output
+from localforge.teach.settings import Role, TeacherSettings
 
 
 class ItemFailed(Exception):
@@ -34,7 +34,7 @@ class Models:
     """The teacher and the student as loaded backends (one backend when both are the same model),
     with a lock for each model that runs in-process (one call at a time)."""
 
-    def __init__(self, settings: TeachSettings, teacher=None, student=None):
+    def __init__(self, settings: TeacherSettings, teacher=None, student=None):
         from localforge.backends import get_backend
 
         self._own: list[Any] = []
@@ -45,19 +45,20 @@ class Models:
             self._own.append(backend)
             return backend
 
+        wanted = getattr(settings, "student", None)  # None: this verb has no student
         try:
             self.teacher = teacher or build(settings.teacher)
-            if student is not None:
+            if student is not None or wanted is None:
                 self.student = student
-            elif teacher is None and settings.student.key() == settings.teacher.key():
+            elif teacher is None and wanted.key() == settings.teacher.key():
                 self.student = self.teacher
             else:
-                self.student = build(settings.student)
+                self.student = build(wanted)
         except BaseException:
             self.close()
             raise
         self._locks = {id(b): threading.Lock() if b.capabilities.parallel <= 1 else contextlib.nullcontext()
-                       for b in (self.teacher, self.student)}
+                       for b in (self.teacher, self.student) if b is not None}
 
     @property
     def parallel(self) -> int:
@@ -81,15 +82,60 @@ class Models:
         self._own = []
 
 
+class Calls:
+    """Calls to the models for one item, each failure an ``ItemFailed`` naming the stage and who;
+    ``history`` is what the item did so far (kept with a failure)."""
+
+    def __init__(self, models: Models, settings: TeacherSettings):
+        self.models, self.settings = models, settings
+        self.history: list[dict] = []
+
+    def params(self, max_tokens: int):
+        from localforge.backends import GenerationParams
+
+        return GenerationParams(max_tokens=max_tokens, temperature=self.settings.temperature, seed=self.settings.seed)
+
+    def call(self, stage: str, backend, call: Callable[[], Any]) -> Any:
+        from localforge.backends import BackendError
+
+        try:
+            with self.models.using(backend):
+                return call()
+        except BackendError as exc:
+            raise ItemFailed(stage, self.models.who(backend), exc, self.history) from exc
+
+    def text(self, stage: str, backend, conv: list[dict], max_tokens: int, required: bool = False):
+        """``(text, completion tokens)``; with ``required``, an empty answer fails the item."""
+        result = self.call(stage, backend, lambda: backend.chat(conv, self.params(max_tokens)))
+        answer = result.text.strip()
+        if required and not answer:
+            from localforge.backends import InvalidResponse
+
+            raise ItemFailed(stage, self.models.who(backend), InvalidResponse("answered nothing"), self.history)
+        return answer, result.completion_tokens
+
+    def json(self, stage: str, conv: list[dict], schema: dict, max_tokens: int | None = None,
+             check: Callable[[Any], None] | None = None) -> dict:
+        """The teacher's structured answer (``generate_json``: the ladder, re-asks, ``check``)."""
+        from localforge.backends import generate_json
+
+        teacher = self.models.teacher
+        params = self.params(max_tokens or self.settings.critique_tokens)
+        return self.call(stage, teacher, lambda: generate_json(
+            teacher, conv, schema, params, attempts=self.settings.attempts, check=check))
+
+
 # --- the input -----------------------------------------------------------------------------------
 
 
 def read_jsonl(path: Path, check: Callable[[Any, str], None], noun: str, field: str,
-               name: str | None = None, limit: int | None = None) -> list[tuple[int, dict, str]]:
+               name: str | None = None, limit: int | None = None,
+               cut_last: bool = False) -> list[tuple[int, dict, str]]:
     """The rows of a JSONL file of ``noun`` as (line, row, key), each checked by ``check(row, where)``
     before any output exists: a bad line is a one-line error naming the file and line. Blank lines
-    are skipped; ``limit`` takes the first rows. A row's key is its content hash and which copy of
-    that content it is, so it stays the same when lines move."""
+    are skipped; ``limit`` takes the first rows; with ``cut_last``, a last line that does not parse
+    and has no newline (a writer killed mid-line: the output of a stopped run) is left out. A row's
+    key is its content hash and which copy of that content it is, so it stays the same when lines move."""
     name = name or str(path)
     if not path.exists():
         raise UsageError(f"{name}: no such file")
@@ -103,7 +149,8 @@ def read_jsonl(path: Path, check: Callable[[Any, str], None], noun: str, field: 
         raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     rows: list[tuple[int, dict, str]] = []
     seen: dict[str, int] = {}
-    for n, line in enumerate(text.splitlines(), 1):
+    lines = text.splitlines()
+    for n, line in enumerate(lines, 1):
         if limit is not None and len(rows) >= limit:
             break
         if not line.strip():
@@ -112,6 +159,8 @@ def read_jsonl(path: Path, check: Callable[[Any, str], None], noun: str, field: 
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
+            if cut_last and n == len(lines) and not text.endswith("\n"):
+                break
             raise ConfigError(f"{where}: not valid JSON ({exc.msg}, column {exc.colno})") from None
         check(row, where)
         digest = hashlib.sha256(json.dumps(row, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
@@ -120,6 +169,14 @@ def read_jsonl(path: Path, check: Callable[[Any, str], None], noun: str, field: 
     if not rows:
         raise ConfigError(f"{path}: no {noun}: give one JSON object per line, each with \"{field}\"")
     return rows
+
+
+def check_out(input: str | Path, out: str | Path, job: str, noun: str = "items") -> None:
+    """``-o`` can be written, is not the input, and no other run holds it: one-line errors, no files made."""
+    check_output(out, noun=noun)
+    if Path(out).resolve() == Path(input).resolve():
+        raise UsageError(f"-o {out}: that is the input file; give another file for the {noun}")
+    check_free(Path(out), job)
 
 
 # --- the batch -----------------------------------------------------------------------------------
@@ -135,15 +192,18 @@ def row_key(row: dict):
     return row["_provenance"]["item"], row["_provenance"]["settings"]
 
 
-def run_batch(items: list, input: Path, out: Path, settings: TeachSettings, models: Models,
+def run_batch(items: list, input: Path, out: Path, settings: TeacherSettings, models: Models,
               work: Callable[[Any], dict], *, job: str, summary, phash: str,
               label: Callable[[Any], dict], progress: Callable[[dict], dict],
-              tally: Callable[[Any, dict], None], on_event: Callable[..., None] | None = None):
+              tally: Callable[[Any, dict], None], on_event: Callable[..., None] | None = None,
+              rows: Callable[[Any, dict], list[dict]] | None = None):
     """Run ``work(item)`` on every item not yet done in ``out`` and return ``summary`` filled in.
 
     Each item has ``key``, ``line`` and ``row``; ``label(item)`` gives its own fields for a rejects
     row, ``progress(result)`` the fields of its progress line and ``item`` event, ``tally`` counts a
     done item into ``summary`` (which has items, done, skipped, failed, concurrency, seconds).
+    A done item writes ``rows(item, result)`` (default: one row, the input row with the result's
+    keys), each with ``_provenance``.
     ``models`` is closed at the end. Events: ``start`` (total, skipped, concurrency), then ``item``
     with status done or failed."""
     emit = on_event or (lambda kind, **data: None)
@@ -158,7 +218,8 @@ def run_batch(items: list, input: Path, out: Path, settings: TeachSettings, mode
 
             def provenance(item) -> dict:
                 return {"source": str(input), "line": item.line, "item": item.key, "settings": digest,
-                        "teacher": models.describe(models.teacher), "student": models.describe(models.student),
+                        "teacher": models.describe(models.teacher),
+                        **({"student": models.describe(models.student)} if models.student is not None else {}),
                         "prompt_hash": phash, "made_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
             def one(item):
@@ -177,7 +238,8 @@ def run_batch(items: list, input: Path, out: Path, settings: TeachSettings, mode
                     summary.failed.append((item.line, str(error)))
                     emit("item", status="failed", line=item.line, reason=str(error))
                     return
-                output.write(output.out, {**item.row, **result, "_provenance": provenance(item)})
+                for row in rows(item, result) if rows else [{**item.row, **result}]:
+                    output.write(output.out, {**row, "_provenance": provenance(item)})
                 output.finish({"item": item.key, "settings": digest, "line": item.line, **progress(result)})
                 summary.done += 1
                 tally(summary, result)

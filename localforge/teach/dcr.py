@@ -31,9 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from localforge.errors import ConfigError, UsageError
-from localforge.resumable import check_free, check_output
-from localforge.teach.batch import ItemFailed, Models, read_jsonl, run_batch
+from localforge.errors import ConfigError
+from localforge.teach.batch import Calls, Models, check_out, read_jsonl, run_batch
 from localforge.teach.settings import PROMPT_VERSION, TeachSettings
 
 JOB = "teach dcr"
@@ -190,53 +189,39 @@ def prompt_hash() -> str:
 # --- one item ------------------------------------------------------------------------------------
 
 
+def assess(item: Item, draft: str, calls: Calls) -> tuple[dict, dict | None, float]:
+    """The teacher's critique of ``draft`` (score, issues, suggestions), its check of the draft's
+    claims against the item's evidence (None without evidence), and the score: the critique's,
+    capped at the share of claims the evidence supports. Raises ``ItemFailed``."""
+    critique = calls.json("critique", critique_conversation(item, draft), CRITIQUE_SCHEMA)
+    score = min(1.0, max(0.0, float(critique["score"])))
+    verification = None
+    if item.evidence:
+        found = calls.json("verify", verify_conversation(item, draft), verification_schema(len(item.evidence)))
+        verification = _verification(found, item.evidence)
+        if verification["claims"]:
+            score = min(score, verification["supported_share"])
+    return critique, verification, round(score, 4)
+
+
 def improve(item: Item, models: Models, settings: TeachSettings) -> dict:
     """Draft (when needed), then critique, verify and rewrite until the threshold or the last
     iteration: ``{final, score, iterations, passed, history}``. Raises ``ItemFailed``."""
-    from localforge.backends import BackendError, GenerationParams, generate_json
-
-    text_params = GenerationParams(max_tokens=settings.max_tokens, temperature=settings.temperature, seed=settings.seed)
-    json_params = GenerationParams(max_tokens=settings.critique_tokens, temperature=settings.temperature,
-                                   seed=settings.seed)
-    history: list[dict] = []
-
-    def ask(stage: str, backend, call: Callable[[], Any]) -> Any:
-        try:
-            with models.using(backend):
-                return call()
-        except BackendError as exc:
-            raise ItemFailed(stage, models.who(backend), exc, history) from exc
-
-    def text(stage: str, backend, conv: list[dict]) -> str:
-        result = ask(stage, backend, lambda: backend.chat(conv, text_params))
-        answer = result.text.strip()
-        if not answer:
-            from localforge.backends import InvalidResponse
-
-            raise ItemFailed(stage, models.who(backend), InvalidResponse("answered nothing"), history)
-        return answer
-
+    calls = Calls(models, settings)
+    history = calls.history
     draft, by = item.draft, "given"
     if draft is None:
-        draft, by = text("draft", models.student, draft_conversation(item)), "student"
-    teacher = models.teacher
+        draft = calls.text("draft", models.student, draft_conversation(item), settings.max_tokens, required=True)[0]
+        by = "student"
     for iteration in range(1, settings.max_iterations + 1):
-        critique = ask("critique", teacher, lambda d=draft: generate_json(
-            teacher, critique_conversation(item, d), CRITIQUE_SCHEMA, json_params, attempts=settings.attempts))
-        score = min(1.0, max(0.0, float(critique["score"])))
-        verification = None
-        if item.evidence:
-            found = ask("verify", teacher, lambda d=draft: generate_json(
-                teacher, verify_conversation(item, d), verification_schema(len(item.evidence)), json_params,
-                attempts=settings.attempts))
-            verification = _verification(found, item.evidence)
-            if verification["claims"]:
-                score = min(score, verification["supported_share"])
+        critique, verification, score = assess(item, draft, calls)
         history.append({"iteration": iteration, "draft": draft, "by": by, "critique": critique,
-                        "verification": verification, "score": round(score, 4)})
+                        "verification": verification, "score": score})
         if score >= settings.threshold or iteration == settings.max_iterations:
             break
-        draft, by = text("rewrite", teacher, rewrite_conversation(item, draft, critique, verification)), "teacher"
+        draft = calls.text("rewrite", models.teacher, rewrite_conversation(item, draft, critique, verification),
+                           settings.max_tokens, required=True)[0]
+        by = "teacher"
     best = max(history, key=lambda h: (h["score"], h["iteration"]))
     return {"final": best["draft"], "score": best["score"], "iterations": len(history),
             "passed": best["score"] >= settings.threshold, "history": history}
@@ -280,10 +265,7 @@ class Summary:
 def check(input: str | Path, out: str | Path) -> list[Item]:
     """Everything checked before a run: the items and the output path (one-line errors, no files made)."""
     items = read_items(input)
-    check_output(out, noun="items")
-    if Path(out).resolve() == Path(input).resolve():
-        raise UsageError(f"-o {out}: that is the input file; give another file for the output")
-    check_free(Path(out), JOB)
+    check_out(input, out, JOB)
     return items
 
 

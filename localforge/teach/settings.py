@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -44,15 +45,17 @@ class Role(BackendChoice):
         return (self.backend, self.model, self.base_url, self.api_key_env, self.timeout, self.concurrency)
 
 
-class TeachSettings(BaseModel):
-    """Everything that decides a teach run, as ``--config FILE`` holds it."""
+class TeacherSettings(BaseModel):
+    """What every teach verb decides: the teacher, how it samples, and how the batch runs. A verb's
+    settings add their own keys, name the roles they load (``ROLES``) and what else decides their
+    output (``DECIDES``), so ``digest`` covers exactly that."""
 
     model_config = ConfigDict(extra="forbid")
+    ROLES: ClassVar[tuple[str, ...]] = ("teacher",)
+    DECIDES: ClassVar[tuple[str, ...]] = ("temperature", "max_tokens", "critique_tokens", "attempts", "seed")
+    VERSION: ClassVar[str] = ""  # the prompts' version: new prompts make a different job
 
     teacher: Role = Field(default_factory=Role, description="the model that critiques, checks and rewrites")
-    student: Role = Field(default_factory=Role, description="the model that drafts (when a row has no draft)")
-    max_iterations: int = Field(3, ge=1, description="drafts the teacher critiques per item, at most")
-    threshold: float = Field(0.8, ge=0, le=1, description="a score this high ends an item's iterations")
     temperature: float = Field(0.0, ge=0, description="sampling temperature of every call")
     max_tokens: int = Field(256, ge=1, description="tokens per draft and per rewrite")
     critique_tokens: int = Field(320, ge=16, description="tokens per critique and per verification")
@@ -64,10 +67,22 @@ class TeachSettings(BaseModel):
     def digest(self) -> str:
         """What decides the output: a re-run with other values is a different job."""
         roles = {name: {k: getattr(getattr(self, name), k) for k in ("backend", "model", "base_url")}
-                 for name in ("teacher", "student")}
-        keys = ("max_iterations", "threshold", "temperature", "max_tokens", "critique_tokens", "attempts", "seed")
-        values = roles | {k: getattr(self, k) for k in keys} | {"v": PROMPT_VERSION}
+                 for name in self.ROLES}
+        values = roles | {k: getattr(self, k) for k in self.DECIDES} | {"v": self.VERSION}
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class TeachSettings(TeacherSettings):
+    """Everything that decides a ``teach dcr`` run (and, extended, adaptive teaching), as
+    ``--config FILE`` holds it."""
+
+    ROLES: ClassVar[tuple[str, ...]] = ("teacher", "student")
+    DECIDES: ClassVar[tuple[str, ...]] = ("max_iterations", "threshold", *TeacherSettings.DECIDES)
+    VERSION: ClassVar[str] = PROMPT_VERSION
+
+    student: Role = Field(default_factory=Role, description="the model that drafts (when a row has no draft)")
+    max_iterations: int = Field(3, ge=1, description="drafts the teacher critiques per item, at most")
+    threshold: float = Field(0.8, ge=0, le=1, description="a score this high ends an item's iterations")
 
 
 def load_teach_settings(path: str | Path | None = None, overrides: list[str] = (),

@@ -35,6 +35,21 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subpro
     )
 
 
+def kill_after_first_item(cmd: list[str], progress: Path, env: dict, timeout: float = 300) -> int:
+    """Start ``cmd``, kill -9 it once its progress file has a finished line, and return how many
+    lines it has then (what a crash right after the first finished item leaves behind)."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not (progress.is_file() and progress.read_text().count("\n") >= 1):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return progress.read_text().count("\n") if progress.is_file() else 0
+
+
 def cli_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     """``localforge ARGS`` in this process, through ``cli.main`` as the console script runs it (the
     bad-input sweeps use this: no process start per case): (exit code, stdout, stderr)."""

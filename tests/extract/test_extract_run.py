@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jsonschema
@@ -19,7 +17,7 @@ from localforge.extract.convert import Converter
 from localforge.extract.grounding import _normalized, number_forms
 from localforge.extract.pipeline import ExtractSettings, run, sidecar
 from localforge.extract.schema import parse_fields
-from tests.helpers import CORPUS, needs_corpus, run_cli
+from tests.helpers import CORPUS, kill_after_first_item, needs_corpus, run_cli
 from tests.servers import ALIAS
 
 pytestmark = [pytest.mark.slow, needs_corpus]
@@ -110,14 +108,9 @@ def test_kill_mid_run_then_resume_loses_and_duplicates_nothing(llama_server, doc
     args = [sys.executable, "-m", "localforge", "extract", str(docs), "--fields", FIELDS, "--backend", "openai",
             "--model", ALIAS, "--base-url", llama_server.url, "--chunk-size", "256"]
     out = tmp_path / "out.jsonl"
-    proc = subprocess.Popen([*args, "-o", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress = sidecar(out, "progress")
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (progress.is_file() and progress.read_text().count("\n") >= 1):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert progress.read_text().count("\n") < len(DOCS), "the run finished before it could be killed"
+    assert kill_after_first_item([*args, "-o", str(out)], progress, env) < len(DOCS), \
+        "the run finished before it could be killed"
     with open(out, "a") as fh:
         fh.write('{"half a line')  # what a kill in the middle of a write leaves
     resumed = subprocess.run([*args, "-o", str(out)], env=env, capture_output=True, text=True, timeout=600)

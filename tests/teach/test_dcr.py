@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import pytest
 from localforge.resumable import sidecar
 from localforge.teach.dcr import run
 from localforge.teach.settings import TeachSettings
-from tests.helpers import MODEL, cli_main
+from tests.helpers import MODEL, cli_main, kill_after_first_item
 from tests.servers import _Handler, free_port, serve
 from tests.teach.common import check_bad_input
 
@@ -137,13 +135,8 @@ def test_kill_mid_batch_then_resume_equals_an_uninterrupted_run(llama_server, tm
             "critique_tokens=160"]
     out = tmp_path / "out.jsonl"
     progress = sidecar(out, "progress")
-    proc = subprocess.Popen([*args, "-o", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (progress.is_file() and progress.read_text().count("\n") >= 1):
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert progress.read_text().count("\n") < len(items), "the run finished before it could be killed"
+    assert kill_after_first_item([*args, "-o", str(out)], progress, env) < len(items), \
+        "the run finished before it could be killed"
     with open(out, "a") as fh:
         fh.write('{"instruction": "What is')  # what a kill in the middle of a write leaves
     resumed = subprocess.run([*args, "-o", str(out)], env=env, capture_output=True, text=True, timeout=600)

@@ -46,16 +46,14 @@ def is_record(row: Any) -> bool:
             and isinstance(row["_provenance"].get("source"), str))
 
 
-def unfinished_documents(records: Path) -> set[str] | None:
-    """The document hashes in ``records`` whose extraction has not finished (a run that was
-    stopped: a re-run of extract drops and redoes their records), or None when there is no
-    progress file beside it to tell."""
+def finished_documents(records: Path) -> set[str] | None:
+    """The document hashes whose extraction into ``records`` finished (its progress file says so),
+    or None when there is no progress file beside it to tell. The records of any other document are
+    from a run that was stopped: a re-run of extract drops and redoes them."""
     progress = sidecar(records, "progress")
     if not progress.is_file():
         return None
-    finished = {row["sha256"] for row in read_rows(progress) if isinstance(row, dict) and isinstance(row.get("sha256"), str)}
-    found = {row["_provenance"]["file_sha256"] for row in read_rows(records) if is_record(row)}
-    return found - finished
+    return {row["sha256"] for row in read_rows(progress) if isinstance(row, dict) and isinstance(row.get("sha256"), str)}
 
 
 def source_path(prov: dict, records: Path | None = None) -> Path:

@@ -1,5 +1,6 @@
 """`localforge teach`: a teacher model improves answers for a student. `teach dcr` runs
-Draft-Critique-Revise over a JSONL file; `teach dataset` exports, signs and checks the pairs."""
+Draft-Critique-Revise over a JSONL file; `teach generate` turns extracted records into training
+pairs; `teach dataset` exports, signs and checks the pairs."""
 
 from __future__ import annotations
 
@@ -70,6 +71,62 @@ def _run_dcr(input: Path, output: Path, settings) -> None:
     table.add_row("mean score", f"{summary.mean_score:.2f}")
     table.add_row("iterations", f"{summary.iterations} (at most {settings.max_iterations} per item)")
     tc.finish(table, summary, input, output, "items")
+
+
+GENERATE = "Pairs from records"
+
+
+@app.command("generate", context_settings=common.HELP)
+def generate(
+    args: Annotated[list[str], typer.Argument(
+        help="The JSONL file `localforge extract` wrote; key=value arguments override settings.",
+        metavar="RECORDS.jsonl [KEY=VALUE]...")],
+    output: Annotated[str, typer.Option("--output", "-o", help="The JSONL file of pairs to write (appended; resumable; its folder is created).")],
+    config: tc.Config = None,
+    pairs_per_record: Annotated[int | None, typer.Option("--pairs-per-record", "-n", min=1, max=8, help="Questions (pairs) per record (default 1).", rich_help_panel=GENERATE)] = None,
+    grounding: Annotated[str | None, typer.Option("--grounding", help="The weakest grounding a value may have to be used: exact, normalized or fuzzy (the default).", rich_help_panel=GENERATE)] = None,
+    judge: Annotated[bool | None, typer.Option("--judge/--no-judge", help="The teacher scores each pair against the source passages (default on): quality and feedback.", rich_help_panel=GENERATE)] = None,
+    concurrency: Annotated[int | None, typer.Option("--concurrency", min=1, help="Records in flight at once (default: the teacher server's parallel requests; 1 in-process).", rich_help_panel=GENERATE)] = None,
+    cache: Annotated[bool | None, typer.Option("--cache/--no-cache", help="Reuse answers from the call cache (default on).", rich_help_panel=GENERATE)] = None,
+    teacher_backend: tc.TeacherBackend = None,
+    teacher_model: tc.TeacherModel = None,
+    teacher_base_url: tc.TeacherBaseUrl = None,
+) -> None:
+    """Turn extracted records into training pairs: the teacher asks about each record's grounded values and answers from them.
+
+    Per record the values grounded in the source (at least --grounding; re-checked against the document when it is still there) are the facts: the teacher writes questions whose answer is those facts, and answers each; an answer must state every value as written and no ungrounded one (else it is re-asked, and at last written from the values). With --judge the teacher scores each pair against the source passages. Each pair names, for every value it uses, the record id, the document's sha256, the page and the character span.
+
+    Settings come from --config FILE, then KEY=VALUE arguments (context_chars=600), then flags. Re-running skips finished records and retries failed ones; exit code 1 when a record failed (each is in OUT.rejects.jsonl with its reason). `localforge teach dataset export` turns the pairs into training rows.
+    """
+    from localforge.errors import UsageError
+    from localforge.teach.generate import check, load_generate_settings, run
+
+    overrides, paths = common.split_args(args)
+    if len(paths) != 1:
+        raise UsageError("give one JSONL file of records, e.g. `localforge teach generate records.jsonl -o pairs.jsonl`"
+                         if not paths else f"give one JSONL file of records, got {len(paths)}: {' '.join(paths)}")
+    if grounding is not None and grounding not in ("exact", "normalized", "fuzzy"):
+        raise UsageError(f"--grounding {grounding!r}: choose exact, normalized or fuzzy")
+    flags = {"pairs_per_record": ("--pairs-per-record", pairs_per_record), "grounding": ("--grounding", grounding),
+             "judge": ("--judge", judge), "concurrency": ("--concurrency", concurrency), "cache": ("--cache", cache),
+             **tc.role_flags(teacher_backend, teacher_model, teacher_base_url)}
+    settings = load_generate_settings(config, overrides, flags)
+    check(paths[0], output, settings)  # the records, their sources and -o, before the bar: one line, no files
+    common.engine_note(settings.teacher.backend)
+    input, out = Path(paths[0]), Path(output)
+    summary = tc.with_progress(lambda on_event: run(input, out, settings, on_event), "records")
+    table = tc.summary_table("teach generate", summary, "records")
+    table.add_row("pairs", f"{summary.pairs} ({summary.by_values} answers written from the values)")
+    if summary.mean_quality is not None:
+        table.add_row("mean quality", f"{summary.mean_quality:.2f} ({summary.scored} scored)")
+    if summary.unused:
+        lines = ", ".join(str(n) for n, _ in summary.unused[:8]) + (" ..." if len(summary.unused) > 8 else "")
+        table.add_row("not used", f"{len(summary.unused)} records without a usable grounded value (lines {lines})")
+    if summary.unfinished:
+        table.add_row("left for later", f"{summary.unfinished} records of documents extract has not finished")
+    if summary.unchecked:
+        table.add_row("spans not re-checked", f"{summary.unchecked} records whose document is gone or changed")
+    tc.finish(table, summary, input, out, "records")
 
 
 app.command("adaptive", context_settings=common.HELP)(teach_adaptive.adaptive)

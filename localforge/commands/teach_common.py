@@ -23,8 +23,8 @@ StudentModel = Annotated[str | None, typer.Option("--student-model", rich_help_p
 StudentBaseUrl = Annotated[str | None, typer.Option("--student-base-url", rich_help_panel=STUDENT, help="The student's server URL, for server backends.")]
 
 
-def role_flags(teacher_backend, teacher_model, teacher_base_url, student_backend, student_model,
-               student_base_url) -> dict:
+def role_flags(teacher_backend, teacher_model, teacher_base_url, student_backend=None, student_model=None,
+               student_base_url=None) -> dict:
     """The teacher and student options as settings flags on dotted keys (see ``settings``)."""
     return {"teacher.backend": ("--teacher-backend", teacher_backend),
             "teacher.model": ("--teacher-model", teacher_model),

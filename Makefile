@@ -55,6 +55,8 @@ bench: $(VENV)/.dev-installed
 	$(BIN)/python benchmarks/extract.py
 	$(BIN)/python benchmarks/chunking.py
 	$(BIN)/python benchmarks/grounding.py
+	$(BIN)/python benchmarks/teach.py
+	$(BIN)/python benchmarks/teach_adaptive.py
 
 clean:
 	rm -rf $(VENV)

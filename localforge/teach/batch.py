@@ -45,7 +45,7 @@ class Models:
             self._own.append(backend)
             return backend
 
-        wanted = getattr(settings, "student", None)  # None: this verb has no student
+        wanted = settings.student if "student" in settings.ROLES else None  # a verb may have no student
         try:
             self.teacher = teacher or build(settings.teacher)
             if student is not None or wanted is None:

@@ -1,5 +1,5 @@
 """`localforge teach dcr` through real backends, with the bundled model as teacher and student:
-llama.cpp in-process, and a real llama.cpp server. A run that stops at the threshold, one that
+llama.cpp in-process, a real llama.cpp server, and a torch student in-process. A run that stops at the threshold, one that
 runs out of iterations, the teacher on a server with the student in-process, resume after kill -9,
 a teacher that is dead or dies mid-run, and a sweep of bad inputs (one line, nothing written)."""
 
@@ -96,6 +96,22 @@ def test_runs_out_of_iterations(llamacpp_backend, tmp_path):
     for row in ran_out:
         assert row["history"][1]["by"] == "teacher" and row["history"][1]["draft"].strip()
         assert not row["passed"] or row["history"][1]["score"] == 1.0
+
+
+def test_student_on_torch_in_process_teacher_on_a_server(torch_backend, llama_server, tmp_path):
+    """The student drafts on torch in-process, the teacher critiques on the llama.cpp server (torch
+    has no grammar or JSON mode, and the 135M model does not write a valid critique from a plain
+    prompt: the teacher is where structured output is held)."""
+    out = tmp_path / "out.jsonl"
+    teacher = {"backend": "openai", "model": MODEL, "base_url": llama_server.url}
+    settings = TeachSettings(teacher=teacher, threshold=0.0, max_iterations=2, **SMALL)
+    summary = run(_write(tmp_path / "in.jsonl", [ITEMS[0]]), out, settings, student=torch_backend)
+    rows = _rows(out)
+    assert summary.done == 1 and summary.failed == [] and len(rows) == 1
+    _check_row(rows[0], ITEMS[0], 0.0, 2)
+    assert rows[0]["_provenance"]["student"]["backend"] == "torch"
+    assert rows[0]["_provenance"]["teacher"]["backend"] == "openai"
+    assert rows[0]["history"][0]["by"] == "student" and rows[0]["final"].strip()
 
 
 def test_teacher_on_a_server_student_in_process(llama_server, tmp_path, monkeypatch, capsys):

@@ -1,7 +1,8 @@
 """`localforge teach dcr` through real backends, with the bundled model as teacher and student:
-llama.cpp in-process, a real llama.cpp server, and a torch student in-process. A run that stops at the threshold, one that
-runs out of iterations, the teacher on a server with the student in-process, resume after kill -9,
-a teacher that is dead or dies mid-run, and a sweep of bad inputs (one line, nothing written)."""
+llama.cpp in-process, a real llama.cpp server, and a torch student in-process. A run that stops
+at the threshold, one that runs out of iterations, the teacher on a server with the student
+in-process, resume after kill -9, a teacher that is dead or dies mid-run, and a sweep of bad
+inputs (one line, nothing written)."""
 
 from __future__ import annotations
 

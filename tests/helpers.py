@@ -35,19 +35,26 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subpro
     )
 
 
-def kill_after_first_item(cmd: list[str], progress: Path, env: dict, timeout: float = 300) -> int:
-    """Start ``cmd``, kill -9 it once its progress file has a finished line, and return how many
-    lines it has then (what a crash right after the first finished item leaves behind)."""
+def crash_then_resume(cmd: list[str], out: Path, progress: Path, env: dict, cut: str, fresh: Path,
+                      timeout: float = 300):
+    """Run ``cmd -o out``, kill -9 it once its progress file has a finished line, leave ``cut`` (a
+    half-written line) at the end of ``out``, then run it again on ``out`` (the resume) and on
+    ``fresh`` (an uninterrupted run). Returns (lines finished at the kill, resumed, fresh)."""
     import signal
     import time
 
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*cmd, "-o", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not (progress.is_file() and progress.read_text().count("\n") >= 1):
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    return progress.read_text().count("\n") if progress.is_file() else 0
+    finished = progress.read_text().count("\n") if progress.is_file() else 0
+    with open(out, "a") as fh:
+        fh.write(cut)  # what a kill in the middle of a write leaves
+    resumed = subprocess.run([*cmd, "-o", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    again = subprocess.run([*cmd, "-o", str(fresh)], env=env, capture_output=True, text=True, timeout=600)
+    return finished, resumed, again
 
 
 def cli_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:

@@ -17,7 +17,7 @@ from localforge.extract.convert import Converter
 from localforge.extract.grounding import _normalized, number_forms
 from localforge.extract.pipeline import ExtractSettings, run, sidecar
 from localforge.extract.schema import parse_fields
-from tests.helpers import CORPUS, kill_after_first_item, needs_corpus, run_cli
+from tests.helpers import CORPUS, crash_then_resume, needs_corpus, run_cli
 from tests.servers import ALIAS
 
 pytestmark = [pytest.mark.slow, needs_corpus]
@@ -109,13 +109,9 @@ def test_kill_mid_run_then_resume_loses_and_duplicates_nothing(llama_server, doc
             "--model", ALIAS, "--base-url", llama_server.url, "--chunk-size", "256"]
     out = tmp_path / "out.jsonl"
     progress = sidecar(out, "progress")
-    assert kill_after_first_item([*args, "-o", str(out)], progress, env) < len(DOCS), \
-        "the run finished before it could be killed"
-    with open(out, "a") as fh:
-        fh.write('{"half a line')  # what a kill in the middle of a write leaves
-    resumed = subprocess.run([*args, "-o", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    finished, resumed, fresh = crash_then_resume(args, out, progress, env, '{"half a line', tmp_path / "fresh.jsonl")
+    assert finished < len(DOCS), "the run finished before it could be killed"
     assert resumed.returncode == 0, resumed.stderr
-    fresh = subprocess.run([*args, "-o", str(tmp_path / "fresh.jsonl")], env=env, capture_output=True, text=True, timeout=600)
     assert fresh.returncode == 0, fresh.stderr
 
     def key(row):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import urllib.request
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 from localforge.resumable import sidecar
 from localforge.teach.dcr import run
 from localforge.teach.settings import TeachSettings
-from tests.helpers import MODEL, cli_main, kill_after_first_item
+from tests.helpers import MODEL, cli_main, crash_then_resume
 from tests.servers import _Handler, free_port, serve
 from tests.teach.common import check_bad_input
 
@@ -152,14 +151,10 @@ def test_kill_mid_batch_then_resume_equals_an_uninterrupted_run(llama_server, tm
             "critique_tokens=160"]
     out = tmp_path / "out.jsonl"
     progress = sidecar(out, "progress")
-    assert kill_after_first_item([*args, "-o", str(out)], progress, env) < len(items), \
-        "the run finished before it could be killed"
-    with open(out, "a") as fh:
-        fh.write('{"instruction": "What is')  # what a kill in the middle of a write leaves
-    resumed = subprocess.run([*args, "-o", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    finished, resumed, fresh = crash_then_resume(args, out, progress, env, '{"instruction": "What is',
+                                                 tmp_path / "fresh.jsonl")
+    assert finished < len(items), "the run finished before it could be killed"
     assert resumed.returncode == 0, resumed.stderr
-    fresh = subprocess.run([*args, "-o", str(tmp_path / "fresh.jsonl")], env=env, capture_output=True, text=True,
-                           timeout=600)
     assert fresh.returncode == 0, fresh.stderr
 
     def key(row):

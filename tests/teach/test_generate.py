@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 from difflib import SequenceMatcher
 from pathlib import Path
@@ -32,7 +31,7 @@ from localforge.teach.generate import (
     run,
     values_answer,
 )
-from tests.helpers import CORPUS, MODEL, cli_main, kill_after_first_item, needs_corpus
+from tests.helpers import CORPUS, MODEL, cli_main, crash_then_resume, needs_corpus
 from tests.teach.common import check_bad_input
 
 pytestmark = [pytest.mark.slow, needs_corpus]
@@ -300,13 +299,9 @@ def test_kill_mid_run_then_resume_equals_an_uninterrupted_run(llama_server, extr
             "max_tokens=40", "attempts=1"]
     out = tmp_path / "pairs.jsonl"
     progress = sidecar(out, "progress")
-    assert kill_after_first_item([*args, "-o", str(out)], progress, env) < len(rows), \
-        "the run finished before it could be killed"
-    with open(out, "a") as fh:
-        fh.write('{"instruction": "What is')  # what a kill in the middle of a write leaves
-    resumed = subprocess.run([*args, "-o", str(out)], env=env, capture_output=True, text=True, timeout=600)
-    fresh = subprocess.run([*args, "-o", str(tmp_path / "fresh.jsonl")], env=env, capture_output=True, text=True,
-                           timeout=600)
+    finished, resumed, fresh = crash_then_resume(args, out, progress, env, '{"instruction": "What is',
+                                                 tmp_path / "fresh.jsonl")
+    assert finished < len(rows), "the run finished before it could be killed"
     assert resumed.returncode == fresh.returncode, (resumed.stderr, fresh.stderr)
 
     def key(row):

@@ -2,6 +2,8 @@
 
 - ``RetryPolicy``: exponential backoff with full jitter, for transient failures only
   (connection refused, timeouts, 429, 5xx); a 4xx is the caller's mistake and is not retried.
+  A refused connection fails at once on a server that never answered (a wrong port), and is
+  retried for ``restart_s`` (30 s, within the call's timeout) on one that did (it is restarting).
 - ``CircuitBreaker``: one per endpoint. After ``threshold`` calls in a row have failed even
   after their retries, the endpoint is treated as dead for ``cooldown_s``: calls fail at once
   instead of each waiting out its own retries. Then one trial call is let through.
@@ -41,10 +43,12 @@ class RetryPolicy:
     attempts: int = 6  # total tries, the first included
     base_s: float = 0.25
     max_s: float = 4.0
+    restart_s: float = 30.0  # how long a server that answered before may refuse connections (it is
+                             # restarting) before a call gives up; counted in time, not attempts
 
     def delay(self, attempt: int) -> float:
         """Full jitter: uniform in [0, min(max, base * 2**attempt)]."""
-        return random.uniform(0, min(self.max_s, self.base_s * 2**attempt))
+        return random.uniform(0, min(self.max_s, self.base_s * 2 ** min(attempt, 16)))
 
 
 class CircuitOpen(BackendUnavailable):
@@ -106,7 +110,9 @@ class Endpoint:
         attempts = attempts or self.retry.attempts
         deadline = time.monotonic() + timeout_s
         self.breaker.before(self.name)
-        for attempt in range(attempts):
+        refused_since: float | None = None
+        attempt = 0
+        while True:
             if not self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
                 raise BackendTimeout(
                     f"{self.name}: all {self.concurrency} request slots stayed busy for {timeout_s:.0f} s; "
@@ -115,10 +121,15 @@ class Endpoint:
             try:
                 result = fn(max(0.05, deadline - time.monotonic()))
             except Transient as exc:
-                pause = self.retry.delay(attempt)
-                worth_it = self.alive or not exc.refused
-                if worth_it and attempt + 1 < attempts and time.monotonic() + pause < deadline:
+                pause, now = self.retry.delay(attempt), time.monotonic()
+                if exc.refused and self.alive:  # restarting: retried for restart_s, however many tries
+                    refused_since = refused_since or now
+                    again = now + pause - refused_since < self.retry.restart_s
+                else:  # a server never seen refuses at once (a wrong port fails fast)
+                    again = not exc.refused and attempt + 1 < attempts
+                if again and now + pause < deadline:
                     time.sleep(pause)
+                    attempt += 1
                     continue
                 self.breaker.failure(exc.final)
                 raise exc.final from None
@@ -127,7 +138,6 @@ class Endpoint:
             self.alive = True
             self.breaker.success()
             return result
-        raise AssertionError("unreachable")
 
 
 _BREAKERS: dict[str, CircuitBreaker] = {}

@@ -45,6 +45,20 @@ def test_refused_on_a_server_seen_before_is_retried():
     assert ep.call(fn, 5) == "ok" and state["calls"] == 3
 
 
+def test_a_restarting_server_is_waited_for_in_time_not_attempts():
+    """A server that answered before and now refuses is restarting: retried for ``restart_s``
+    (20 refusals with a 5-attempt policy), and given up on after it."""
+    ep = Endpoint("x", retry=RetryPolicy(attempts=5, base_s=0.01, max_s=0.02, restart_s=2.0))
+    assert ep.call(lambda _left: "hello", 5) == "hello"
+    fn, state = flaky(20, refused=True)
+    assert ep.call(fn, 5) == "ok" and state["calls"] == 21
+    fn, state = flaky(10**6, refused=True)
+    t0 = time.monotonic()
+    with pytest.raises(BackendUnavailable):
+        ep.call(fn, 30)
+    assert 1.9 < time.monotonic() - t0 < 3.0 and state["calls"] > 5
+
+
 def test_the_deadline_bounds_retries():
     ep = Endpoint("x", retry=RetryPolicy(attempts=100, base_s=0.2, max_s=0.2))
     fn, _ = flaky(10**6)

@@ -312,7 +312,7 @@ def prompt_hash() -> str:
 
 def pairs_for(item: Item, models: Models, settings: GenerateSettings) -> dict:
     """Questions, grounded answers and (with ``judge``) their quality for one record:
-    ``{pairs: [...], history}``. Raises ``ItemFailed``."""
+    ``{pairs: [...]}``. Raises ``ItemFailed`` (with what the record did so far)."""
     from localforge.backends import StructuredOutputError
 
     calls = Calls(models, settings)
@@ -341,7 +341,7 @@ def pairs_for(item: Item, models: Models, settings: GenerateSettings) -> dict:
         pairs.append({"id": f"{item.record_id}-{i}", "instruction": question, "completion": answer,
                       "quality": quality, "feedback": feedback, "evidence": item.passages, "answer_by": by,
                       **({"answer_note": note} if note else {}), "review": review})
-    return {"pairs": pairs, "history": calls.history}
+    return {"pairs": pairs}
 
 
 def _sources(item: Item, records: Path) -> list[dict]:

@@ -111,10 +111,10 @@ def generate(
              "judge": ("--judge", judge), "concurrency": ("--concurrency", concurrency), "cache": ("--cache", cache),
              **tc.role_flags(teacher_backend, teacher_model, teacher_base_url)}
     settings = load_generate_settings(config, overrides, flags)
-    check(paths[0], output, settings)  # the records, their sources and -o, before the bar: one line, no files
+    prepared = check(paths[0], output, settings)  # records, sources and -o, before the bar: one line, no files
     common.engine_note(settings.teacher.backend)
     input, out = Path(paths[0]), Path(output)
-    summary = tc.with_progress(lambda on_event: run(input, out, settings, on_event), "records")
+    summary = tc.with_progress(lambda on_event: run(input, out, settings, on_event, prepared=prepared), "records")
     table = tc.summary_table("teach generate", summary, "records")
     table.add_row("pairs", f"{summary.pairs} ({summary.by_values} answers written from the values)")
     if summary.mean_quality is not None:

@@ -391,11 +391,13 @@ def check(input: str | Path, out: str | Path, settings: GenerateSettings) -> Pre
 
 
 def run(input: str | Path, out: str | Path, settings: GenerateSettings,
-        on_event: Callable[..., None] | None = None, teacher=None) -> Summary:
+        on_event: Callable[..., None] | None = None, teacher=None, prepared: Prepared | None = None) -> Summary:
     """Make pairs from every usable record of ``input`` into ``out``; ``on_event(kind, **data)``
-    reports progress (``start`` total/skipped/concurrency, then ``item`` with status done or failed)."""
+    reports progress (``start`` total/skipped/concurrency, then ``item`` with status done or failed).
+    ``prepared`` is what ``check`` returned, when the caller has checked already (the records and
+    their sources are then read once)."""
     input, out = Path(input), Path(out)
-    prepared = check(input, out, settings)
+    prepared = check(input, out, settings) if prepared is None else prepared
     models = Models(settings, teacher)  # a teacher that cannot load fails here, before any file
     summary = Summary(items=len(prepared.items), unused=prepared.unused, unfinished=prepared.unfinished,
                       unchecked=prepared.unchecked)

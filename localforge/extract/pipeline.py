@@ -1,8 +1,9 @@
 """The extraction job: files -> converted text -> chunks -> records, written as they are made.
 
 Output is JSONL, one record per line: the extracted fields, ``_id`` (``records.record_id``: the
-document's hash and the fields), ``_grounding`` (per field: status, span, page) and ``_provenance``. ``OUT.progress.jsonl`` marks each finished document (its hash
-and the settings hash); a re-run skips finished documents and first drops any lines of
+document's hash and the fields), ``_grounding`` (per field: status, span, page) and
+``_provenance``. ``OUT.progress.jsonl`` marks each finished document (its hash and the settings
+hash); a re-run skips finished documents and first drops any lines of
 unfinished ones (and a half-written last line), so a crash or kill -9 at any point loses
 nothing finished and duplicates nothing. Chunks that fail after every re-ask go to
 ``OUT.rejects.jsonl`` with their attempts. LLM calls go through the call cache, so re-doing an

@@ -4,7 +4,8 @@ A backend turns conversations (lists of ``{"role", "content"}`` messages) into c
 In-process backends (torch, mlx, llamacpp) load a model; server backends talk to an endpoint.
 Everything engine-specific stays behind this interface.
 
-A backend does one job: ``generate`` a batch of conversations. What sits on top of any backend
+A backend does one job: ``generate`` a batch of conversations; ``stream`` writes one conversation's
+answer as it is generated (text deltas), where the engine can. What sits on top of any backend
 lives in its own module: the call cache (``cache.Cached``) and structured output
 (``structured.generate_json``).
 """
@@ -12,7 +13,7 @@ lives in its own module: the call cache (``cache.Cached``) and structured output
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from typing import Any, ClassVar
 
 from localforge.backends.types import (
@@ -21,6 +22,7 @@ from localforge.backends.types import (
     Conversation,
     GenerationParams,
     Health,
+    Stream,
     Unsupported,
     check_conversation,
     first_line,
@@ -72,6 +74,14 @@ class Backend(ABC):
         batch = [conversations] if single else [list(c) for c in conversations]
         for i, conv in enumerate(batch):
             check_conversation(conv, i)
+        self._check_params(params)
+        if not batch:
+            return []
+        results = self.generate(batch, params)
+        return results[0] if single else results
+
+    def _check_params(self, params: GenerationParams) -> None:
+        """Refuse a structured-output mode this backend does not have (``Unsupported``)."""
         if params.grammar is not None and not self.capabilities.grammar:
             raise Unsupported(f"backend '{self.name}' cannot constrain output to a grammar; use generate_json instead")
         if params.json_object:  # JSON mode (json_schema, if given, is only a hint)
@@ -82,10 +92,29 @@ class Backend(ABC):
                 f"backend '{self.name}' cannot constrain output to a JSON schema; "
                 "use generate_json (it falls back to prompting), or a backend that can"
             )
-        if not batch:
-            return []
-        results = self.generate(batch, params)
-        return results[0] if single else results
+
+    def stream(self, conversation: Conversation, params: GenerationParams | None = None,
+               **overrides: Any) -> Stream:
+        """Complete one conversation as a ``Stream``: iterate it for text deltas as the engine
+        writes them; once it ends, its ``result`` holds the usage and finish reason, as ``chat``
+        returns them. Checked as ``chat`` checks (conversation, grammar and JSON capabilities).
+
+        Engines that can stream override ``_stream``; the default runs ``generate`` and yields its
+        whole text as one delta.
+        """
+        params = (params or GenerationParams()).with_(**overrides)
+        conv = list(conversation)
+        check_conversation(conv, 0)
+        self._check_params(params)
+        return Stream(self._stream(conv, params))
+
+    def _stream(self, conv: Conversation, params: GenerationParams) -> Generator[str, None, ChatResult]:
+        """Text deltas of one completion, returning its ``ChatResult``. This default is not
+        streaming: it generates the whole answer, then yields it as one delta."""
+        result = self.generate([conv], params)[0]
+        if result.text:
+            yield result.text
+        return result
 
     def health(self) -> Health:
         """A cheap check that the backend can answer; never raises."""

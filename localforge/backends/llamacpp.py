@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import Any
 
 from localforge.backends.base import Backend
@@ -71,7 +72,7 @@ class LlamaCppBackend(Backend):
     def generate(self, conversations: list[Conversation], params: GenerationParams) -> list[ChatResult]:
         return [self._one(conv, params) for conv in conversations]
 
-    def _one(self, conv: Conversation, params: GenerationParams) -> ChatResult:
+    def _kwargs(self, conv: Conversation, params: GenerationParams) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(
             messages=conv,
             max_tokens=params.max_tokens,
@@ -94,13 +95,15 @@ class LlamaCppBackend(Backend):
             kwargs["response_format"] = {"type": "json_object", "schema": params.json_schema}
         elif params.json_object:
             kwargs["response_format"] = {"type": "json_object"}
+        return kwargs
+
+    def _one(self, conv: Conversation, params: GenerationParams) -> ChatResult:
+        kwargs = self._kwargs(conv, params)
         try:
             with Timer() as t:
                 out = self.llm.create_chat_completion(**kwargs)
         except ValueError as exc:
-            if "context window" in str(exc):
-                raise RequestTooLarge(f"llamacpp: {exc}; use shorter input or fewer max_tokens, or a larger n_ctx") from None
-            raise
+            raise _too_large(exc) from None
         try:
             choice = out["choices"][0]
             usage = out["usage"]
@@ -109,8 +112,45 @@ class LlamaCppBackend(Backend):
         except (KeyError, IndexError, TypeError) as exc:
             raise InvalidResponse(f"llama.cpp returned an unexpected completion: {exc!r}") from exc
 
+    def _stream(self, conv: Conversation, params: GenerationParams) -> Generator[str, None, ChatResult]:
+        """Token by token through ``create_chat_completion(stream=True)``. Its chunks carry no
+        usage: the prompt's tokens are what the context holds when the first text arrives, the
+        answer's are the text chunks (one per token; a character split across tokens waits
+        for the rest)."""
+        import time
+
+        t0 = time.perf_counter()
+        chunks = self.llm.create_chat_completion(**self._kwargs(conv, params), stream=True)
+        text, n_chunks, prompt, finish = [], 0, None, None
+        try:
+            for chunk in chunks:
+                choice = chunk["choices"][0]
+                piece = choice.get("delta", {}).get("content")
+                if piece:
+                    if prompt is None:
+                        prompt = self.llm.n_tokens
+                    n_chunks += 1
+                    text.append(piece)
+                    yield piece
+                finish = choice.get("finish_reason") or finish
+        except ValueError as exc:
+            raise _too_large(exc) from None
+        except (KeyError, IndexError, TypeError) as exc:
+            raise InvalidResponse(f"llama.cpp returned an unexpected chunk: {exc!r}") from exc
+        finally:
+            chunks.close()
+        prompt = self.llm.n_tokens if prompt is None else prompt
+        n_gen = max(n_chunks, self.llm.n_tokens - prompt)
+        return self.result("".join(text), prompt, n_gen, finish, time.perf_counter() - t0)
+
     def close(self) -> None:
         llm = getattr(self, "llm", None)
         if llm is not None:
             llm.close()
             self.llm = None
+
+
+def _too_large(exc: ValueError) -> Exception:
+    if "context window" in str(exc):
+        return RequestTooLarge(f"llamacpp: {exc}; use shorter input or fewer max_tokens, or a larger n_ctx")
+    return exc

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Generator
 from typing import Any
 
 from localforge.backends.resilience import Transient
@@ -66,6 +67,76 @@ class OpenAIBackend(ServerBackend):
         self.client = openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=self.timeout)
 
     def _request(self, conv: Conversation, params: GenerationParams, timeout: float, probing: bool) -> ChatResult:
+        kwargs = self._kwargs(conv, params, timeout)
+        try:
+            with Timer() as t:
+                out = self.client.with_options(timeout=timeout).chat.completions.create(**kwargs)
+        except Exception as exc:
+            raise self._call_error(exc, probing) from None
+        try:
+            choice = out.choices[0]
+            usage = out.usage
+            return self.result(choice.message.content or "", usage.prompt_tokens if usage else 0,
+                               usage.completion_tokens if usage else 0, choice.finish_reason, t.seconds)
+        except (AttributeError, IndexError, TypeError) as exc:
+            raise InvalidResponse(f"{self.base_url} returned an unexpected completion: {exc}") from None
+
+    def _stream(self, conv: Conversation, params: GenerationParams) -> Generator[str, None, ChatResult]:
+        """``stream=True`` with ``include_usage``: the server's deltas as they come, its finish
+        reason and its usage (0 where a server sends none). Opening the stream is retried like
+        any call; a connection lost mid-answer is not (the text already sent cannot be unsent)."""
+        import time
+
+        if params.grammar is not None or params.json_object or params.json_schema is not None:
+            result = self._call(conv, params)  # the modes' probing lives there; one delta
+            if result.text:
+                yield result.text
+            return result
+        t0 = time.perf_counter()
+
+        def open_stream(left: float):
+            kwargs = self._kwargs(conv, params, left)
+            try:
+                return self.client.with_options(timeout=left).chat.completions.create(
+                    **kwargs, stream=True, stream_options={"include_usage": True})
+            except Exception as exc:
+                raise self._call_error(exc, False) from None
+
+        chunks = self.endpoint.call(open_stream, self.timeout)
+        text: list[str] = []
+        finish, usage = None, None
+        try:
+            for chunk in chunks:
+                usage = getattr(chunk, "usage", None) or usage
+                if not chunk.choices:
+                    continue
+                choice = chunk.choices[0]
+                piece = choice.delta.content if choice.delta else None
+                if piece:
+                    text.append(piece)
+                    yield piece
+                finish = choice.finish_reason or finish
+        except Exception as exc:
+            error = self._call_error(exc, False)
+            raise (error.final if isinstance(error, Transient) else error) from None
+        finally:
+            chunks.close()
+        return self.result("".join(text), usage.prompt_tokens if usage else 0,
+                           usage.completion_tokens if usage else 0, finish, time.perf_counter() - t0)
+
+    def _call_error(self, exc: Exception, probing: bool) -> Exception:
+        """An exception from the client as what the rest of localforge reads."""
+        if isinstance(exc, self._openai.APIStatusError):
+            return self._status_error(exc, probing)
+        if isinstance(exc, self._openai.APITimeoutError):
+            return Transient(BackendTimeout(f"{self.base_url} did not answer within {self.timeout:.0f} s"))
+        if isinstance(exc, self._openai.APIConnectionError):
+            return Transient(BackendUnavailable(self.nothing_answers()), refused=True)
+        if isinstance(exc, ValueError):  # a body that is not JSON
+            return InvalidResponse(f"{self.base_url} returned an unexpected body (not JSON): {exc}")
+        return exc
+
+    def _kwargs(self, conv: Conversation, params: GenerationParams, timeout: float) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(
             model=self.served,
             messages=conv,
@@ -91,24 +162,7 @@ class OpenAIBackend(ServerBackend):
                 "type": "json_schema",
                 "json_schema": {"name": "output", "schema": params.json_schema},
             }
-        try:
-            with Timer() as t:
-                out = self.client.with_options(timeout=timeout).chat.completions.create(**kwargs)
-        except self._openai.APIStatusError as exc:
-            raise self._status_error(exc, probing) from None
-        except self._openai.APITimeoutError:
-            raise Transient(BackendTimeout(f"{self.base_url} did not answer within {self.timeout:.0f} s")) from None
-        except self._openai.APIConnectionError:
-            raise Transient(BackendUnavailable(self.nothing_answers()), refused=True) from None
-        except ValueError as exc:  # a body that is not JSON
-            raise InvalidResponse(f"{self.base_url} returned an unexpected body (not JSON): {exc}") from None
-        try:
-            choice = out.choices[0]
-            usage = out.usage
-            return self.result(choice.message.content or "", usage.prompt_tokens if usage else 0,
-                               usage.completion_tokens if usage else 0, choice.finish_reason, t.seconds)
-        except (AttributeError, IndexError, TypeError) as exc:
-            raise InvalidResponse(f"{self.base_url} returned an unexpected completion: {exc}") from None
+        return kwargs
 
     def _check_grammar(self, timeout: float) -> None:
         """Ask once per server and model whether it follows a ``grammar`` field: a server that does

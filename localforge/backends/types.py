@@ -179,6 +179,54 @@ def fit_to_context(backend: str, model: str, prompt_lengths: Sequence[int], max_
     return max(1, min(max_tokens, context - max(prompt_lengths, default=0)))
 
 
+def stream_cut(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """What of ``text`` (a streamed answer so far) may be sent now: cut at the earliest stop string
+    (and True), else all but a tail that could still become a stop string or an unfinished UTF-8
+    character (decoders write U+FFFD for one), which the next tokens decide."""
+    cut, hit = truncate_at_stop(text, stop)
+    if hit:
+        return cut, True
+    keep = len(text)
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                keep = min(keep, len(text) - n)
+                break
+    while keep and text[keep - 1] == "\ufffd":
+        keep -= 1
+    return text[:keep], False
+
+
+class Stream:
+    """One completion as it is written: iterate for text deltas (``str``); once the iteration
+    ends, ``result`` is the ``ChatResult`` (the whole text, token usage, finish reason, seconds).
+
+    ``close()`` stops the generation early (a client that went away): the engine stops at its
+    next token, and ``result`` stays None.
+    """
+
+    def __init__(self, deltas: Any):
+        self._gen = deltas  # a generator of str that returns the ChatResult
+        self.result: ChatResult | None = None
+
+    def __iter__(self):
+        self.result = yield from self._gen
+        return self.result
+
+    def text(self) -> str:
+        """Run it to the end and return the whole text."""
+        return "".join(self)
+
+    def close(self) -> None:
+        self._gen.close()
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def first_line(exc: BaseException) -> str:
     """An exception as one line: its message's first line, or its class name."""
     text = str(exc).strip()

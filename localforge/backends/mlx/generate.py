@@ -1,11 +1,12 @@
 """mlx-lm generation: Metal on Apple Silicon, the CPU elsewhere (mlx[cpu]).
 
-One conversation streams through ``mlx_lm.stream_generate`` (stop strings end it early); a
+One conversation (and ``stream``) goes through ``mlx_lm.stream_generate`` (stop strings end it early); a
 batch goes through ``mlx_lm.batch_generate`` (continuous batching).
 """
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import Any
 
 from localforge.backends.base import Backend
@@ -19,6 +20,7 @@ from localforge.backends.types import (
     Timer,
     context_length,
     fit_to_context,
+    stream_cut,
     truncate_at_stop,
 )
 from localforge.models import resolve
@@ -75,7 +77,23 @@ class MLXBackend(Backend):
         return self._batch(prompts, params)
 
     def _stream_one(self, prompt: list[int], params: GenerationParams) -> ChatResult:
-        text, n_gen, finish = "", 0, "length"
+        deltas = self._deltas(prompt, params)
+        while True:
+            try:
+                next(deltas)
+            except StopIteration as done:
+                return done.value
+
+    def _stream(self, conv: Conversation, params: GenerationParams) -> Generator[str, None, ChatResult]:
+        if params.seed is not None:
+            self._mx.random.seed(params.seed)
+        prompt = self.prompt_ids(conv)
+        max_tokens = fit_to_context(self.name, self.model_name, [len(prompt)], params.max_tokens, self.context_length)
+        return (yield from self._deltas(prompt, params.with_(max_tokens=max_tokens)))
+
+    def _deltas(self, prompt: list[int], params: GenerationParams) -> Generator[str, None, ChatResult]:
+        """``mlx_lm.stream_generate``: text deltas, held back while a stop string may be starting."""
+        text, sent, n_gen, finish = "", 0, 0, "length"
         with Timer() as t:
             for resp in self._mlx_lm.stream_generate(
                 self.model, self.tokenizer, prompt, max_tokens=params.max_tokens,
@@ -83,15 +101,19 @@ class MLXBackend(Backend):
             ):
                 text += resp.text
                 n_gen = resp.generation_tokens
-                if params.stop:
-                    text, hit = truncate_at_stop(text, params.stop)
-                    if hit:
-                        finish = "stop"
-                        break
+                safe, hit = stream_cut(text, params.stop) if params.stop else (text, False)
+                if len(safe) > sent:
+                    yield safe[sent:]
+                    sent = len(safe)
+                if hit:
+                    text, finish = safe, "stop"
+                    break
                 if resp.finish_reason is not None:
                     finish = resp.finish_reason
                     if finish == "stop":
                         n_gen -= 1  # the end-of-sequence token is not part of the answer
+        if len(text) > sent:
+            yield text[sent:]
         return self.result(text, len(prompt), n_gen, finish, t.seconds)
 
     def _batch(self, prompts: list[list[int]], params: GenerationParams) -> list[ChatResult]:

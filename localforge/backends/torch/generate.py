@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import Any
 
 from localforge.backends.base import Backend
@@ -15,6 +16,7 @@ from localforge.backends.types import (
     Timer,
     context_length,
     fit_to_context,
+    stream_cut,
     truncate_at_stop,
 )
 from localforge.errors import MissingDependency
@@ -133,18 +135,8 @@ class TorchBackend(Backend):
         lengths = enc["attention_mask"].sum(dim=1).tolist()
         max_new = fit_to_context(self.name, self.model_name, lengths, params.max_tokens, self.context_length)
         enc = enc.to(self.device)
-        kwargs: dict[str, Any] = dict(
-            max_new_tokens=max_new,
-            pad_token_id=self.tokenizer.pad_token_id,
-            do_sample=not params.greedy,
-        )
-        if params.greedy:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        else:
-            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
         width = enc["input_ids"].shape[1]
-        if params.stop:
-            kwargs["stopping_criteria"] = [_StopOnStrings(self.tokenizer, params.stop, width)]
+        kwargs = self._generate_kwargs(params, max_new, width)
         if params.seed is not None:
             torch.manual_seed(params.seed)
         with Timer() as t, torch.inference_mode():
@@ -161,6 +153,89 @@ class TorchBackend(Backend):
             text, hit_stop = truncate_at_stop(text, params.stop)
             results.append(self.result(text, n_prompt, n, "stop" if hit_eos or hit_stop else "length", t.seconds))
         return results
+
+    def _generate_kwargs(self, params: GenerationParams, max_new: int, width: int) -> dict[str, Any]:
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=max_new,
+            pad_token_id=self.tokenizer.pad_token_id,
+            do_sample=not params.greedy,
+        )
+        if params.greedy:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
+        kwargs["stopping_criteria"] = [_StopOnStrings(self.tokenizer, params.stop, width)] if params.stop else []
+        return kwargs
+
+    def _stream(self, conv: Conversation, params: GenerationParams) -> Generator[str, None, ChatResult]:
+        """``model.generate`` in a thread with a streamer that hands over each new token id; the
+        text is decoded as it grows and sent once no stop string can still begin in it. Closing
+        the stream stops the generation at its next token."""
+        import queue
+        import threading
+        import time
+
+        from transformers.generation.streamers import BaseStreamer
+
+        torch = self._torch
+        enc = self.tokenizer([self.prompt_text(conv)], return_tensors="pt", add_special_tokens=False)
+        n_prompt = enc["input_ids"].shape[1]
+        max_new = fit_to_context(self.name, self.model_name, [n_prompt], params.max_tokens, self.context_length)
+        kwargs = self._generate_kwargs(params, max_new, n_prompt)
+        cancel = threading.Event()
+        kwargs["stopping_criteria"].append(
+            lambda input_ids, scores, **kw: torch.full((input_ids.shape[0],), cancel.is_set(), device=input_ids.device))
+        ids_q: queue.Queue = queue.Queue()
+
+        class TokenIds(BaseStreamer):
+            seen_prompt = False
+
+            def put(self, value):
+                if self.seen_prompt:
+                    ids_q.put(value.reshape(-1).tolist())
+                self.seen_prompt = True
+
+            def end(self):
+                ids_q.put(None)
+
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with torch.inference_mode():
+                    self.model.generate(**enc.to(self.device), **kwargs, streamer=TokenIds())
+            except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
+                failed.append(exc)
+                ids_q.put(None)
+
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        t0 = time.perf_counter()
+        worker = threading.Thread(target=run, name="localforge-torch-stream", daemon=True)
+        worker.start()
+        ids: list[int] = []
+        sent, finish = 0, "length"
+        try:
+            while finish == "length" and (new := ids_q.get()) is not None:
+                for tok in new:
+                    if tok in self.eos_ids:
+                        finish = "stop"
+                        break
+                    ids.append(tok)
+                safe, hit = stream_cut(self.tokenizer.decode(ids, skip_special_tokens=True), params.stop)
+                finish = "stop" if hit else finish
+                if len(safe) > sent:
+                    yield safe[sent:]
+                    sent = len(safe)
+        finally:
+            cancel.set()
+            worker.join()
+        if failed:
+            raise failed[0]
+        text, hit = truncate_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), params.stop)
+        if len(text) > sent:  # a tail held back for a stop string that never came
+            yield text[sent:]
+        return self.result(text, n_prompt, len(ids), "stop" if hit else finish, time.perf_counter() - t0)
 
     def close(self) -> None:
         self.model = None

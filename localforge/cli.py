@@ -12,6 +12,7 @@ import sys
 import typer
 
 from localforge.commands import adapters, doctor, extract, finetune, generate, models, teach
+from localforge.commands import export as export_command
 from localforge.commands.common import HELP
 
 app = typer.Typer(
@@ -28,6 +29,7 @@ app.add_typer(models.app, name="models")
 app.add_typer(extract.app, name="extract")
 app.add_typer(finetune.app, name="finetune")
 app.add_typer(adapters.app, name="adapters")
+app.add_typer(export_command.app, name="export")
 app.add_typer(teach.app, name="teach")
 
 

@@ -10,6 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from localforge.backends.base import Backend
+from localforge.backends.gguf_export import (
+    EXPORT_TARGETS,
+    GGUF_TYPES,
+    converter,
+    install_converter,
+    to_gguf,
+)
 from localforge.backends.hf import ensure_hf, load_tokenizer
 from localforge.backends.registry import (
     REGISTRY,
@@ -51,6 +58,7 @@ __all__ = [
     "choose",
     "describe_schema", "ensure_hf", "load_tokenizer", "forget_probes", "fuse", "generate_json", "get_backend", "installed",
     "load", "require", "resolve_auto", "served_models", "spec", "structured_modes", "trainers",
+    "EXPORT_TARGETS", "GGUF_TYPES", "converter", "install_converter", "to_gguf",
 ]
 
 # what only a server takes; in-process engines run without them

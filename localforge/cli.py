@@ -13,6 +13,7 @@ import typer
 
 from localforge.commands import adapters, doctor, extract, finetune, generate, models, teach
 from localforge.commands import export as export_command
+from localforge.commands import serve as serve_command
 from localforge.commands.common import HELP
 
 app = typer.Typer(
@@ -31,6 +32,7 @@ app.add_typer(finetune.app, name="finetune")
 app.add_typer(adapters.app, name="adapters")
 app.add_typer(export_command.app, name="export")
 app.add_typer(teach.app, name="teach")
+app.command()(serve_command.serve)
 
 
 def main() -> None:

@@ -140,6 +140,16 @@ FLAGS = [
     (["adapters", "convert", "x", "--to", "onnx", "-o", "y"], "--to"),
     (["adapters", "convert", "x", "-o", "y"], "--to"),
     (["doctor", "--bogus"], "--bogus"),
+    (["serve", "--port", "0"], "--port"),
+    (["serve", "--port", "70000"], "--port"),
+    (["serve", "--port", "http"], "--port"),
+    (["serve", "--queue", "-1"], "--queue"),
+    (["serve", "--parallel", "0"], "--parallel"),
+    (["serve", "--max-request-bytes", "10"], "--max-request-bytes"),
+    (["serve", "--max-tokens", "0"], "--max-tokens"),
+    (["serve", "--backend", "nope"], "--backend"),
+    (["serve", "--api-key-env", "LF_SURELY_UNSET_VAR"], "--api-key-env"),
+    (["serve", "--host", "no such host"], "--host"),
     (["nosuchcommand"], "nosuchcommand"),
 ]
 

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from localforge.errors import ConfigError, MissingDependency
+from localforge.errors import ConfigError, LocalforgeError
 
 ROLES = ("system", "user", "assistant")
 BOS = "\x02BOS\x02"  # stands in for the bos_token variable, so only the template's own use shows
@@ -149,7 +149,8 @@ def _renderer(template: str, tok_cfg: dict, model_dir: Path):
         from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError as exc:
-        raise MissingDependency("reading the chat template", "torch", exc.name) from None
+        raise LocalforgeError(f"reading the chat template needs jinja2 (no module '{exc.name}'): "
+                              "pip install jinja2") from None
 
     def raise_exception(message):
         raise TemplateError(message)

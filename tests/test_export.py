@@ -7,6 +7,7 @@ torch, MLX and llama.cpp alike. One export per target is shared by the checks (m
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -161,12 +162,14 @@ def test_gguf_keeps_tokenizer_and_template_and_answers_like_the_merged_folder(ex
 
 @pytest.mark.slow
 def test_cli_exports_to_an_ollama_folder(exported, answers, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # relative paths, as a user types them
     out = tmp_path / "My Model"
-    code, stdout, err = cli_main(monkeypatch, capsys, "export", str(exported["hf"].path), "--to", "ollama", "-o", str(out),
+    merged = os.path.relpath(exported["hf"].path, tmp_path)
+    code, stdout, err = cli_main(monkeypatch, capsys, "export", merged, "--to", "ollama", "-o", "My Model",
                                  "--quant", "q8_0")
     assert code == 0, err
     modelfile = out / "Modelfile"
-    assert stdout.splitlines() == [str(out), f"ollama create my-model -f {modelfile}"]
+    assert stdout.splitlines() == [str(out), f"ollama create my-model -f '{modelfile}'"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["My Model"]
     assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "my-model-q8_0.gguf"]
     text = modelfile.read_text()
@@ -349,3 +352,17 @@ def test_setup_refuses_a_file_that_is_not_the_sdist(tmp_path, monkeypatch, capsy
     bad.write_bytes(b"not a tarball")
     code, _, err = cli_main(monkeypatch, capsys, "export", "setup", "--sdist", str(bad))
     assert_one_line(code, err, 1, "--sdist", "llama_cpp_python-")
+
+
+@pytest.mark.slow
+def test_an_architecture_the_converter_lacks_is_one_line(converter_ready, tmp_path, monkeypatch, capsys):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    model = tmp_path / "nope-model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["NopeForCausalLM"], "model_type": "nope"}))
+    save_file({"w": np.zeros((2, 2), dtype=np.float32)}, str(model / "model.safetensors"))
+    code, _, err = cli_main(monkeypatch, capsys, "export", str(model), "--to", "gguf", "-o", str(tmp_path / "x.gguf"))
+    assert_one_line(code, err, 1, "converter", "NopeForCausalLM is not supported")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nope-model"]

@@ -145,7 +145,7 @@ def _unpack(sdist: Path, out: Path) -> None:
 def to_gguf(hf_dir: str | Path, out: str | Path, quant: str = "f16",
             on_event: Callable[..., None] = lambda kind, **data: None) -> Path:
     """Write the HF folder ``hf_dir`` as the GGUF file ``out`` of type ``quant`` (``GGUF_TYPES``)."""
-    hf_dir, out = Path(hf_dir), Path(out)
+    hf_dir, out = Path(hf_dir).absolute(), Path(out).absolute()  # the converter runs in its own folder
     if quant not in GGUF_TYPES:
         raise ConfigError(f"unknown GGUF type '{quant}': use one of {', '.join(GGUF_TYPES)}")
     tool = converter()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import tempfile
 import time
@@ -146,7 +147,7 @@ def plan(path: str | Path, to: str, out: str | Path, quant: str | None = None, n
         raise UsageError(f"--name is the model name in a Modelfile; --to {to} writes none")
     if name is not None and not re.fullmatch(r"[a-z0-9][a-z0-9._-]*(:[a-z0-9._-]+)?", name):
         raise UsageError(f"--name {name!r}: use lowercase letters, digits, '.', '_' and '-' (and an optional :tag)")
-    out = Path(out).expanduser()
+    out = Path(out).expanduser().absolute()
     if not target.folder and out.suffix != ".gguf":
         raise UsageError(f"-o {out}: --to {to} writes one file; give its path ending in .gguf")
     taken = (out.exists() and (not out.is_dir() or any(out.iterdir()))) if target.folder else out.exists()
@@ -217,5 +218,5 @@ def export(p: Plan, on_event: Events = lambda kind, **data: None) -> Result:
         shutil.rmtree(tmp, ignore_errors=True)
     size = (final_gguf.stat().st_size if not p.target.folder else
             sum(f.stat().st_size for f in p.out.rglob("*") if f.is_file()))
-    command = f"ollama create {p.name} -f {p.out / 'Modelfile'}" if p.target.modelfile else None
+    command = f"ollama create {p.name} -f {shlex.quote(str(p.out / 'Modelfile'))}" if p.target.modelfile else None
     return Result(p.out, final_gguf, command, time.monotonic() - began, size)

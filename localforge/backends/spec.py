@@ -33,6 +33,10 @@ class EngineSpec:
     trainer: str | None = None  # "module:Class" of its Trainer (see training.py); None: it does not train
     methods: tuple[str, ...] = ()  # what it trains: lora, dora, full
     multi_process: bool = False  # trains in several processes (accelerate launch)
+    # per method: import names it needs beyond ``requires`` (grpo on mlx: mlx_lm_lora), and the
+    # distributions a run of that method records in its manifest
+    method_requires: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    method_packages: dict[str, tuple[str, ...]] = field(default_factory=dict)
     runtime_bytes: dict[str, int] = field(default_factory=dict)  # per device: memory the runtime holds
     packages: tuple[str, ...] = ()  # distributions whose versions a run manifest records
     # per OS ("linux", "darwin", as hardware.HardwareProfile.os): what users should know before

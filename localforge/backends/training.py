@@ -18,6 +18,7 @@ sequences of a row (1, 2, ...; 0 for padding); attention must not cross them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -78,6 +79,44 @@ class Batch:
 
 
 @dataclass
+class GrpoSetup:
+    """What a GRPO step needs besides the model: the sampling, the objective and the rewards.
+
+    ``score(prompts, completions, fields)`` returns each reward's values (a list per reward, one
+    value per completion); ``fields`` maps each data column to its values, aligned with the
+    completions. It raises a ``LocalforgeError`` naming the reward that failed; engines let it
+    through untouched.
+    """
+
+    num_generations: int = 4
+    max_completion_length: int = 128
+    beta: float = 0.04
+    epsilon: float = 0.2
+    temperature: float = 1.0
+    top_p: float = 1.0
+    scale_rewards: bool = True
+    batch_size: int = 1  # prompts per micro-batch (each with num_generations completions)
+    grad_accum: int = 1  # micro-batches per optimizer step; one generation batch per step
+    reward_names: list[str] = field(default_factory=list)
+    reward_weights: list[float] = field(default_factory=list)
+    score: Callable[[list[str], list[str], dict[str, list]], list[list[float]]] | None = None
+
+
+@dataclass
+class PromptBatch:
+    """One GRPO step's prompts (this process's share): conversations and their rows' fields."""
+
+    conversations: list[list[dict]]
+    fields: list[dict]
+
+    @property
+    def texts(self) -> list[str]:
+        """The last user turn of each conversation: the prompt a reward sees."""
+        return [next((m["content"] for m in reversed(c) if m["role"] == "user"), c[-1]["content"])
+                for c in self.conversations]
+
+
+@dataclass
 class TrainSetup:
     model_path: str  # a HF folder
     method: str = "lora"  # lora, dora, full
@@ -92,6 +131,13 @@ class TrainSetup:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     threads: int | None = None
+    grpo: GrpoSetup | None = None  # set for method grpo (``method`` then names the weights it updates)
+
+
+def group_fields(fields: list[dict], repeat: int) -> dict[str, list]:
+    """Rows' fields as columns, each row repeated ``repeat`` times (once per completion of its group)."""
+    keys = list(dict.fromkeys(k for f in fields for k in f))
+    return {k: [f.get(k) for f in fields for _ in range(repeat)] for k in keys}
 
 
 class Trainer(Protocol):
@@ -111,6 +157,16 @@ class Trainer(Protocol):
         in the step (dropout) is a function of (seed, ``step``) or of state that ``save`` keeps.
         Returns the summed loss of the step over all processes (divide by ``step_tokens``).
         """
+
+    def grpo_step(self, step: int, prompts: PromptBatch, lr: float) -> dict[str, float]:
+        """Method grpo's optimizer step ``step`` (0-based) over ``prompts``, this process's share:
+        sample ``num_generations`` completions per prompt, score them with ``setup.grpo.score``,
+        take group-relative advantages and update the policy (clipped ratio, KL ``beta`` towards
+        the starting model). Sampling draws from state that ``save`` keeps, so a resumed run
+        samples what an uninterrupted one would. Returns the step's metrics: ``loss``,
+        ``reward`` (mean of the weighted sum) and ``reward_std``, ``reward/<name>`` per reward,
+        ``kl``, ``completion_length`` (mean tokens), ``tokens`` (prompt and completion tokens).
+        Engines that do not train grpo need not have it."""
 
     def eval_loss(self, batches: list[Batch]) -> tuple[float, int]:
         """Summed loss and loss-token count over ``batches``, with no gradient."""

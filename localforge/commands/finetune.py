@@ -106,8 +106,9 @@ def _plan_table(cfg, shape_params: int, p, data, stderr: bool = False) -> None:
     t = Table(title=f"fine-tuning plan: {cfg.model} ({shape_params / 1e6:.0f}M parameters), {cfg.method}",
               show_header=False)
     for key in ("backend", "device", "dtype", "batch_size", "grad_accum", "lora_rank", "lora_layers",
-                "gradient_checkpointing", "processes"):
-        t.add_row(key, str(getattr(p, key)))
+                "gradient_checkpointing", "processes", "num_generations", "max_completion_length"):
+        if getattr(p, key) is not None or key in ("lora_rank", "lora_layers"):
+            t.add_row(key, str(getattr(p, key)))
     t.add_row("predicted peak", f"{p.predicted_peak_bytes / 1024**3:.2f} GiB of a {p.memory_budget_bytes / 1024**3:.1f} GiB budget")
     t.add_row("data", ", ".join(f"{s}: {len(rows)} rows ({'/'.join(data.formats[s])})" for s, rows in data.splits.items()))
     console = common.console(stderr=stderr)
@@ -153,7 +154,8 @@ def train_with_progress(run_dir: Path | str, progress: bool = True) -> dict:
         if kind == "start":
             task = bar.add_task("train", total=data["total"], completed=data["step"], loss="-", tps="-", eval="-")
         elif kind == "step":
-            bar.update(task, completed=data["step"], loss=f"{data['loss']:.3f}", tps=f"{data['tokens_per_second']:.0f}")
+            bar.update(task, completed=data["step"], loss=f"{data['loss']:.3f}", tps=f"{data['tokens_per_second']:.0f}",
+                       **({"eval": f"reward {data['reward']:.3f}"} if "reward" in data else {}))
         elif kind == "eval":
             bar.update(task, eval=f"{data['eval_loss']:.3f}")
 

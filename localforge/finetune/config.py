@@ -59,14 +59,56 @@ class LoraConfig(BaseModel):
     layers: Count | Auto | None = Field(None, description="adapt only the last N layers (None: all; at most the model's)")
 
 
+class RewardSpec(BaseModel):
+    """One reward of a GRPO run: a name from the rewards library, its weight and its options."""
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name
+    weight: Float = Field(1.0, allow_inf_nan=False)
+    options: dict = Field(default_factory=dict, description="the reward's own keys (see `finetune.rewards`)")
+
+
+def _reward_spec(value):
+    # `rewards: [exact_match, {name: length, target: 200, weight: 0.5}]`: a bare name, or a mapping
+    # whose keys other than name and weight are the reward's options
+    if isinstance(value, str):
+        return {"name": value}
+    if isinstance(value, dict) and "options" not in value:
+        known = {"name", "weight"}
+        return {**{k: v for k, v in value.items() if k in known},
+                "options": {k: v for k, v in value.items() if k not in known}}
+    return value
+
+
+class GrpoConfig(BaseModel):
+    """GRPO (group relative policy optimisation): per prompt, sample ``num_generations``
+    completions, score them with the rewards, and push the policy towards the better ones of each
+    group, with a KL penalty ``beta`` towards the starting model."""
+    model_config = ConfigDict(extra="forbid")
+
+    rewards: list[Annotated[RewardSpec, BeforeValidator(_reward_spec)]] = Field(
+        default_factory=lambda: [RewardSpec(name="exact_match")], min_length=1)
+    train: Literal["lora", "dora", "full"] = Field("lora", description="the weights GRPO updates")
+    num_generations: Annotated[Int, Field(ge=2, le=64)] | Auto = "auto"
+    max_completion_length: Annotated[Int, Field(ge=1, le=32768)] | Auto = "auto"
+    max_prompt_length: Annotated[Int, Field(ge=8)] = 256
+    beta: Float = Field(0.04, ge=0.0, allow_inf_nan=False, description="KL penalty towards the starting model")
+    epsilon: Float = Field(0.2, gt=0.0, lt=1.0, allow_inf_nan=False, description="clipping of the policy ratio")
+    temperature: Float = Field(1.0, gt=0.0, le=10.0, allow_inf_nan=False)
+    top_p: Float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    scale_rewards: bool = Field(True, description="divide each group's advantages by its reward spread")
+    student: dict = Field(default_factory=dict, description="the teaching reward's student: backend, model, ...")
+
+
 class FinetuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     PATHS: ClassVar[tuple[str, ...]] = ("data",)  # read beside the config file when it is there
 
     model: Name = DEFAULT_MODEL
     data: Name
-    method: Literal["lora", "dora", "full"] = "lora"
+    method: Literal["lora", "dora", "full", "grpo"] = "lora"
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    grpo: GrpoConfig | None = Field(None, description="method grpo's keys (rewards, generations, beta, ...)")
     backend: str = Field("auto", description="auto, or an engine that trains (see `localforge doctor`)")
     steps: Int | None = Field(None, ge=1)
     epochs: Float | None = Field(None, gt=0, allow_inf_nan=False)
@@ -100,6 +142,20 @@ class FinetuneConfig(BaseModel):
             raise ValueError(f"expected {', '.join(repr(n) for n in names[:-1])} or {names[-1]!r} "
                              f"(backends that train), got {value!r}")
         return value
+
+    @property
+    def weights(self) -> str:
+        """What the run updates: lora, dora or full (for grpo, its ``train`` key)."""
+        return self.grpo.train if self.method == "grpo" else self.method
+
+    @model_validator(mode="after")
+    def _grpo_keys(self) -> FinetuneConfig:
+        if self.method == "grpo" and self.grpo is None:
+            self.grpo = GrpoConfig()
+        if self.method != "grpo" and self.grpo is not None:
+            raise ValueError(f"a grpo section is for method: grpo (method is {self.method!r}): "
+                             "set method: grpo, or remove the grpo section")
+        return self
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> FinetuneConfig:

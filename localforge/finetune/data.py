@@ -98,3 +98,80 @@ def load_data(data: str | Path) -> Dataset:
     else:
         raise ConfigError(f"data '{data}' does not exist: give a JSONL file or a folder with train.jsonl")
     return ds
+
+
+# -- GRPO: prompts with what the rewards compare against -------------------------------------------
+@dataclass
+class PromptRow:
+    """A GRPO row: the conversation the model answers (a ``question`` or ``prompt`` as the user's
+    turn, after an optional ``system``, or ``prompt`` as a list of messages) and the row's other
+    fields, which the rewards read (``answer`` for exact_match)."""
+
+    messages: list[dict]
+    fields: dict
+    format: str = "prompt"  # what the plan table shows beside SFT's chat, completion and text
+
+    @property
+    def text(self) -> str:
+        """The last user turn: what a reward sees as the prompt."""
+        return next((m["content"] for m in reversed(self.messages) if m["role"] == "user"), self.messages[-1]["content"])
+
+
+def parse_prompt_row(row: object) -> PromptRow:
+    if not isinstance(row, dict):
+        raise ValueError("expected a JSON object")
+    prompt = row.get("prompt", row.get("question"))
+    system = row.get("system")
+    if system is not None and not isinstance(system, str):
+        raise ValueError("'system' must be a string")
+    if isinstance(prompt, str) and prompt.strip():
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, list) and prompt:
+        for i, m in enumerate(prompt):
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
+                raise ValueError(f"prompt[{i}] needs a role (system, user, assistant, tool) and string content")
+        if prompt[-1]["role"] == "assistant":
+            raise ValueError("the prompt's last message is the assistant's: GRPO samples that turn, leave it out")
+        messages = prompt
+    elif "messages" in row and "prompt" not in row and "question" not in row:
+        raise ValueError("a GRPO row gives 'question' (or 'prompt') and 'answer', not 'messages'")
+    else:
+        raise ValueError("a GRPO row needs 'question' (or 'prompt'): a non-empty string or a list of messages")
+    fields = {k: v for k, v in row.items() if k not in ("prompt", "system")}
+    return PromptRow(messages, fields)
+
+
+def load_prompts(data: str | Path, needs: set[str] = frozenset()) -> Dataset:
+    """GRPO rows by split (train, valid, test), each row checked, and every field in ``needs``
+    (what the rewards read) present: the first bad row named by file and line."""
+    path = Path(data)
+    files = {"train": path} if path.is_file() else {s: path / f"{s}.jsonl" for s in SPLITS if (path / f"{s}.jsonl").is_file()}
+    if "train" not in files:
+        load_data(data)  # its errors: a missing path, a folder without train.jsonl
+    out = Dataset()
+    for split, f in files.items():
+        rows, errors = [], []
+        try:
+            with open(f, encoding="utf-8", errors="strict") as fh:
+                for n, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = parse_prompt_row(json.loads(line))
+                        missing = sorted(k for k in needs if k not in row.fields)
+                        if missing:
+                            raise ValueError(f"no '{missing[0]}' field, which the config's rewards read")
+                        rows.append(row)
+                    except json.JSONDecodeError as exc:
+                        errors.append(f"{f} line {n}: not valid JSON ({exc.msg})")
+                    except ValueError as exc:
+                        errors.append(f"{f} line {n}: {exc}")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{f}: not UTF-8 text") from None
+        if errors:
+            more = f" ({len(errors) - 1} more bad rows)" if len(errors) > 1 else ""
+            raise ConfigError(errors[0] + more)
+        if not rows:
+            raise ConfigError(f"{f}: no rows")
+        out.splits[split], out.files[split] = rows, str(f)
+    return out

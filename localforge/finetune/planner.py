@@ -120,6 +120,8 @@ class Plan:
     memory_budget_bytes: int
     processes: int = 1
     reasons: list[str] = field(default_factory=list)
+    num_generations: int | None = None  # method grpo: completions sampled per prompt
+    max_completion_length: int | None = None  # method grpo: tokens per completion, at most
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -144,9 +146,11 @@ def _engine(profile: HardwareProfile, cfg: FinetuneConfig, available: dict[str, 
             raise BackendUnavailable(f"backend '{name}' is not installed here: pip install "
                                      f"{f'localforge[{extra}]' if extra else 'localforge'!r}")
     engine = spec(name)
-    if cfg.method not in engine.methods:
-        raise ConfigError(f"config key 'method': backend '{name}' trains {', '.join(engine.methods) or 'nothing'}, "
-                          f"not '{cfg.method}'")
+    for method in dict.fromkeys((cfg.method, cfg.weights)):
+        if method not in engine.methods:
+            key = "method" if method == cfg.method else "grpo.train"
+            raise ConfigError(f"config key '{key}': backend '{name}' trains {', '.join(engine.methods) or 'nothing'}, "
+                              f"not '{method}'")
     return engine
 
 
@@ -197,6 +201,40 @@ def predict_peak(shape: ModelShape, *, method: str, dtype: str, batch: int, seq:
     return int(weights + optimizer + activations + logits + runtime_bytes)
 
 
+def predict_grpo_peak(shape: ModelShape, *, method: str, dtype: str, prompts: int, generations: int,
+                      prompt_len: int, completion_len: int, rank: int, targets: list[str], layers: int,
+                      checkpointing: bool, runtime_bytes: int, beta: float) -> int:
+    """Peak memory of one GRPO micro-batch: ``prompts`` x ``generations`` sequences of
+    ``prompt_len + completion_len`` tokens through the policy with gradients (as SFT over that
+    batch, logits for the completion tokens only), the reference's forward for the KL (no copy
+    for LoRA: the adapter is switched off; a second set of weights for full with ``beta > 0``),
+    and sampling's KV cache over the whole generation batch."""
+    rows = prompts * generations
+    seq = prompt_len + completion_len
+    b = DTYPE_BYTES[dtype]
+    train = predict_peak(shape, method=method, dtype=dtype, batch=rows, seq=seq, rank=rank, targets=targets,
+                         layers=layers, checkpointing=checkpointing, runtime_bytes=runtime_bytes)
+    train -= rows * seq * shape.vocab * 4 * 3  # predict_peak's logits are over every token
+    logits = rows * completion_len * shape.vocab * 4 * 3
+    reference = shape.params * b if method == "full" and beta > 0 else 0
+    kv_cache = rows * seq * shape.layers * 2 * shape.kv_dim * b
+    return int(train + logits + reference + kv_cache)
+
+
+def _grpo_sizes(device: str, cfg: FinetuneConfig, reasons: list[str]) -> tuple[int, int]:
+    """Generations per prompt and completion length: the config's, or what ``auto`` means here."""
+    g = cfg.grpo
+    generations, length = g.num_generations, g.max_completion_length
+    if generations == "auto":
+        generations = 8 if device in ("cuda", "metal") else 4
+        reasons.append(f"{generations} generations per prompt ({'an accelerator' if generations == 8 else 'a CPU'}: "
+                       f"{'wider groups give steadier advantages' if generations == 8 else 'sampling dominates a step'})")
+    if length == "auto":
+        length = 512 if device == "cuda" else 256 if device == "metal" else 128
+        reasons.append(f"completions of at most {length} tokens on {device}")
+    return int(generations), int(length)
+
+
 def plan(profile: HardwareProfile, shape: ModelShape, cfg: FinetuneConfig,
          available: dict[str, bool] | None = None) -> Plan:
     """Choose everything ``auto`` in ``cfg`` for ``profile``; explain each choice in ``reasons``.
@@ -210,7 +248,8 @@ def plan(profile: HardwareProfile, shape: ModelShape, cfg: FinetuneConfig,
     dtype = _dtype(profile, device, cfg.dtype)
     processes = cfg.num_processes
     if processes == "auto":
-        processes = max(1, len(profile.cuda_devices)) if device == "cuda" and engine.multi_process else 1
+        several = device == "cuda" and engine.multi_process and cfg.method != "grpo"  # GRPO: one process
+        processes = max(1, len(profile.cuda_devices)) if several else 1
         if processes > 1:
             reasons.append(f"{processes} processes, one per GPU (DDP through accelerate)")
     processes = int(processes)
@@ -232,13 +271,23 @@ def plan(profile: HardwareProfile, shape: ModelShape, cfg: FinetuneConfig,
     if device != "cuda":
         budget //= processes  # processes on one CPU or Apple GPU share its memory
     cap = 32 if device == "cuda" else 16 if device == "metal" else 4
-    candidates = [b for b in (32, 16, 8, 4, 2, 1) if b <= cap]
+
+    generations = completion = None
+    if cfg.method == "grpo":
+        generations, completion = _grpo_sizes(device, cfg, reasons)
+        cap = 8 if device == "cuda" else 4 if device == "metal" else 1  # prompts per micro-batch
 
     def peak(batch: int, ckpt: bool) -> int:
+        if cfg.method == "grpo":
+            return predict_grpo_peak(shape, method=cfg.weights, dtype=dtype, prompts=batch, generations=generations,
+                                     prompt_len=cfg.grpo.max_prompt_length, completion_len=completion,
+                                     rank=int(rank), targets=cfg.lora.targets, layers=layers, checkpointing=ckpt,
+                                     runtime_bytes=engine.runtime_bytes.get(device, 0), beta=cfg.grpo.beta)
         return predict_peak(shape, method=cfg.method, dtype=dtype, batch=batch, seq=cfg.max_seq_length,
                             rank=int(rank), targets=cfg.lora.targets, layers=layers, checkpointing=ckpt,
                             runtime_bytes=engine.runtime_bytes.get(device, 0))
 
+    candidates = [b for b in (32, 16, 8, 4, 2, 1) if b <= cap]
     ckpt_options = [cfg.gradient_checkpointing] if isinstance(cfg.gradient_checkpointing, bool) else [False, True]
     batch, ckpt = None, ckpt_options[0]
     if cfg.batch_size != "auto":
@@ -259,20 +308,22 @@ def plan(profile: HardwareProfile, shape: ModelShape, cfg: FinetuneConfig,
         reasons.append("gradient checkpointing on: activations would not fit otherwise")
     accum = cfg.grad_accum
     if accum == "auto":
-        accum = max(1, math.ceil(TARGET_EFFECTIVE_BATCH / (batch * processes)))
+        target = TARGET_EFFECTIVE_BATCH if cfg.method != "grpo" else 4 if device == "cpu" else 8  # prompts
+        accum = max(1, math.ceil(target / (batch * processes)))
         reasons.append(f"accumulation {accum}: effective batch {batch * processes * accum}")
     return Plan(backend=engine.name, device=device, dtype=dtype, batch_size=batch, grad_accum=int(accum),
-                lora_rank=None if cfg.method == "full" else int(rank),
-                lora_layers=None if cfg.method == "full" else layers,
+                lora_rank=None if cfg.weights == "full" else int(rank),
+                lora_layers=None if cfg.weights == "full" else layers,
                 gradient_checkpointing=ckpt, predicted_peak_bytes=peak(batch, ckpt),
-                memory_budget_bytes=budget, processes=processes, reasons=reasons)
+                memory_budget_bytes=budget, processes=processes, reasons=reasons,
+                num_generations=generations, max_completion_length=completion)
 
 
 def model_problems(cfg: FinetuneConfig, shape: ModelShape) -> list[tuple[str, str]]:
     """What in ``cfg`` the model cannot do, as (config key, what is wrong): LoRA targets it lacks,
     more LoRA layers than it has, a max_seq_length beyond its context."""
     out = []
-    if cfg.method != "full":
+    if cfg.weights != "full":
         missing = shape.missing_targets(list(cfg.lora.targets))
         if missing:
             out.append(("lora.targets", f"{missing[0]!r} is not a linear layer of this model's blocks: choose "
@@ -280,6 +331,12 @@ def model_problems(cfg: FinetuneConfig, shape: ModelShape) -> list[tuple[str, st
         if isinstance(cfg.lora.layers, int) and cfg.lora.layers > shape.layers:
             out.append(("lora.layers", f"{cfg.lora.layers} is more than the model's {shape.layers} layers: give "
                                        f"{shape.layers} or less (or leave it out to adapt them all)"))
+    g = cfg.grpo
+    if g is not None and shape.context and isinstance(g.max_completion_length, int) \
+            and g.max_prompt_length + g.max_completion_length > shape.context:
+        out.append(("grpo.max_completion_length", f"max_prompt_length {g.max_prompt_length} + max_completion_length "
+                                                  f"{g.max_completion_length} is more than the model's context of "
+                                                  f"{shape.context} tokens: lower one of them"))
     if shape.context and cfg.max_seq_length > shape.context:
         out.append(("max_seq_length", f"{cfg.max_seq_length} is more than the model's context of {shape.context} "
                                       f"tokens: give {shape.context} or less"))
@@ -290,6 +347,12 @@ def over_budget(p: Plan, cfg: FinetuneConfig) -> tuple[str, str] | None:
     """(config key, what is wrong) when the plan's predicted peak exceeds its memory budget."""
     if p.predicted_peak_bytes <= p.memory_budget_bytes:
         return None
+    if cfg.method == "grpo":
+        key = "batch_size" if cfg.batch_size != "auto" else "grpo.max_completion_length"
+        return key, (f"predicted peak {p.predicted_peak_bytes / GiB:.1f} GiB exceeds the {p.memory_budget_bytes / GiB:.1f} "
+                     f"GiB memory budget ({p.device}) at batch_size {p.batch_size} with {p.num_generations} generations "
+                     f"of {p.max_completion_length} tokens: lower batch_size, grpo.num_generations or "
+                     f"grpo.max_completion_length, or pass --force to start anyway")
     key = "batch_size" if cfg.batch_size != "auto" else "max_seq_length"
     ckpt = "" if p.gradient_checkpointing else ", set gradient_checkpointing: true"
     return key, (f"predicted peak {p.predicted_peak_bytes / GiB:.1f} GiB exceeds the {p.memory_budget_bytes / GiB:.1f} "

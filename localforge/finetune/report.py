@@ -50,11 +50,19 @@ def final_metrics(rows: list[dict]) -> dict:
         out["steps"] = train[-1]["step"]
     if evals:
         out["final_eval_loss"] = evals[-1]["eval_loss"]
+    scored = [r for r in train if "reward" in r]
+    if scored:
+        out["final_reward"] = scored[-1]["reward"]
+        tail = scored[-max(1, len(scored) // 10):]
+        out["mean_reward_last_10pct"] = round(sum(r["reward"] for r in tail) / len(tail), 6)
+        out["mean_reward_first_10pct"] = round(sum(r["reward"] for r in scored[:len(tail)]) / len(tail), 6)
     return out
 
 
-def plot_loss(rows: list[dict], out: Path, title: str) -> Path | None:
-    """Train loss per step (and its running mean) with eval loss points; None without matplotlib."""
+def plot_loss(rows: list[dict], out: Path, title: str, rewards: bool = False) -> Path | None:
+    """Train loss per step (and its running mean) with eval loss points; None without matplotlib.
+    ``rewards`` (a GRPO run): a second panel with the reward's mean per step, its spread within
+    the step's groups as a band, and each reward's mean."""
     try:
         import matplotlib
 
@@ -64,7 +72,11 @@ def plot_loss(rows: list[dict], out: Path, title: str) -> Path | None:
         return None
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if rewards:
+        fig, (ax, rax) = plt.subplots(2, 1, figsize=(7, 6.5), dpi=110, sharex=True)
+        _plot_rewards(rax, [r for r in rows if "reward" in r])
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
         steps, loss = [r["step"] for r in train], [r["loss"] for r in train]
         k = len(loss) // 20
@@ -75,8 +87,8 @@ def plot_loss(rows: list[dict], out: Path, title: str) -> Path | None:
     if evals:
         ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", color="#e6550d",
                 label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per token)")
+    ax.set_xlabel("" if rewards else "step")
+    ax.set_ylabel("GRPO loss" if rewards else "loss (nats per token)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -84,6 +96,24 @@ def plot_loss(rows: list[dict], out: Path, title: str) -> Path | None:
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def _plot_rewards(ax, rows: list[dict]) -> None:
+    if rows:
+        steps = [r["step"] for r in rows]
+        mean = [r["reward"] for r in rows]
+        std = [r.get("reward_std", 0.0) for r in rows]
+        ax.fill_between(steps, [m - s for m, s in zip(mean, std, strict=True)], [m + s for m, s in zip(mean, std, strict=True)],
+                        color="#a1d99b", alpha=0.5, label="reward spread (std)")
+        ax.plot(steps, mean, color="#31a354", lw=2, label="reward (mean)")
+        names = sorted({k for r in rows for k in r if k.startswith("reward/")})
+        if len(names) > 1:
+            for name in names:
+                ax.plot(steps, [r.get(name) for r in rows], lw=1, ls="--", label=name.split("/", 1)[1])
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def write_json(path: Path, data: dict) -> None:

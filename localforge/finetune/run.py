@@ -178,19 +178,70 @@ def prepare(config_path: str | Path | None, overrides: list[str] = (), flags: di
         raise key_error("data", f"{cfg.data} does not exist: give a JSONL file or a folder with train.jsonl",
                         config_path, overrides, flags)
     cfg.data = str(Path(cfg.data).expanduser().resolve())
-    data = load_data(cfg.data)
+    data = _grpo_data(cfg) if cfg.method == "grpo" else load_data(cfg.data)
     model_path = ensure_hf(resolve(cfg.model))
     shape = ModelShape.from_hf_config(model_path)
     for key, what in model_problems(cfg, shape):
         raise key_error(key, what, config_path, overrides, flags)
     p = plan(HardwareProfile.detect(), shape, cfg, installed(trainers()))
+    _method_installed(p.backend, cfg.method, config_path, overrides, flags)
     too_big = over_budget(p, cfg)
     if too_big and not force:
         raise key_error(*too_big, config_path, overrides, flags)
     if too_big:
         p.reasons.append("forced: the predicted peak exceeds the memory budget; expect swapping or out-of-memory")
-    _check_rows(cfg, data, model_path)
+    if cfg.method == "grpo":
+        _check_prompts(cfg, data, model_path, p)
+    else:
+        _check_rows(cfg, data, model_path)
     return Prepared(cfg, data, model_path, shape, p)
+
+
+def _method_installed(backend: str, method: str, config_path, overrides, flags) -> None:
+    """What the engine needs for this method beyond itself (grpo: its RL trainer) is installed."""
+    from importlib.util import find_spec
+
+    from localforge.backends import spec
+
+    s = spec(backend)
+    missing = [m for m in s.method_requires.get(method, ()) if find_spec(m) is None]
+    if missing:
+        dist = dict(zip(s.method_requires[method], s.method_packages.get(method, ()), strict=False))
+        raise key_error("method", f"{s.label} trains {method} through {dist.get(missing[0], missing[0])}, which is "
+                                  f"not installed here: pip install 'localforge[{s.extra}]' (Python >= 3.11), "
+                                  f"or choose another backend", config_path, overrides, flags)
+
+
+def _grpo_data(cfg: FinetuneConfig):
+    """A GRPO run's rows, with its rewards and student checked first (a bad reward name or option
+    is one line naming ``grpo.rewards``, before the data is read)."""
+    from localforge.finetune.data import load_prompts
+    from localforge.finetune.rewards import bind, check_student, needs_fields
+
+    check_student(cfg.grpo.student, cfg.grpo.rewards)
+    for r in cfg.grpo.rewards:
+        bind(r.name, r.options, r.weight, student=True)
+    return load_prompts(cfg.data, needs_fields(cfg.grpo.rewards))
+
+
+def _check_prompts(cfg: FinetuneConfig, data, model_path: str, p: Plan) -> None:
+    """Every GRPO prompt, through the model's chat template, within grpo.max_prompt_length, and
+    prompt + completion within the model's context."""
+    from importlib.util import find_spec
+
+    from localforge.backends import load_tokenizer
+
+    if find_spec("transformers") is None:
+        return
+    tokenizer = load_tokenizer(model_path)
+    limit = cfg.grpo.max_prompt_length
+    for split, rows in data.splits.items():
+        for n, row in enumerate(rows, 1):
+            ids = tokenizer.apply_chat_template(row.messages, add_generation_prompt=True, tokenize=True)
+            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+            if len(ids) > limit:
+                raise ConfigError(f"{data.files[split]} row {n}: the prompt is {len(ids)} tokens, more than "
+                                  f"grpo.max_prompt_length {limit}: raise it or shorten the prompt")
 
 
 def _check_rows(cfg: FinetuneConfig, data, model_path: str) -> None:
@@ -215,6 +266,8 @@ def _as_run(cfg: FinetuneConfig, p: Plan) -> dict:
                gradient_checkpointing=p.gradient_checkpointing, num_processes=p.processes)
     if p.lora_rank is not None:
         out["lora"].update(rank=p.lora_rank, layers=p.lora_layers)
+    if cfg.method == "grpo":
+        out["grpo"].update(num_generations=p.num_generations, max_completion_length=p.max_completion_length)
     return out
 
 
@@ -286,10 +339,18 @@ def _stop_on_signal():
             signal.signal(s, h)
 
 
-def _setup(cfg: FinetuneConfig, model_path: str):
-    from localforge.backends.training import TrainSetup
+def _setup(cfg: FinetuneConfig, model_path: str, rewards=None):
+    from localforge.backends.training import GrpoSetup, TrainSetup
 
-    return TrainSetup(model_path=model_path, method=cfg.method, rank=int(cfg.lora.rank), alpha=cfg.lora.alpha,
+    grpo = None
+    if rewards is not None:
+        g = cfg.grpo
+        grpo = GrpoSetup(num_generations=int(g.num_generations), max_completion_length=int(g.max_completion_length),
+                         beta=g.beta, epsilon=g.epsilon, temperature=g.temperature, top_p=g.top_p,
+                         scale_rewards=g.scale_rewards, batch_size=int(cfg.batch_size), grad_accum=int(cfg.grad_accum),
+                         reward_names=rewards.names, reward_weights=rewards.weights,
+                         score=rewards.score)
+    return TrainSetup(model_path=model_path, method=cfg.weights, grpo=grpo, rank=int(cfg.lora.rank), alpha=cfg.lora.alpha,
                       dropout=cfg.lora.dropout, targets=list(cfg.lora.targets),
                       layers=None if cfg.lora.layers in (None, "auto") else int(cfg.lora.layers),
                       dtype=cfg.dtype, gradient_checkpointing=bool(cfg.gradient_checkpointing), seed=cfg.seed,
@@ -308,6 +369,13 @@ def _tokenized(cfg: FinetuneConfig, tokenizer) -> _Data:
     from localforge.finetune.data import load_data
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if cfg.method == "grpo":
+        from localforge.finetune.data import load_prompts
+
+        rows = load_prompts(cfg.data).splits["train"]
+        sched = Schedule([[r] for r in rows], int(cfg.batch_size), int(cfg.grad_accum), int(cfg.num_processes),
+                         cfg.seed, pad)
+        return _Data(sched, cfg.steps or sched.steps_for_epochs(cfg.epochs), None)
     data = load_data(cfg.data)
     seqs = encode_all(tokenizer, data.splits["train"], cfg.mask_prompt, cfg.max_seq_length, where=data.files["train"])
     sched = Schedule(as_rows(seqs, cfg.packing, cfg.max_seq_length, cfg.seed), int(cfg.batch_size),
@@ -320,12 +388,13 @@ def _tokenized(cfg: FinetuneConfig, tokenizer) -> _Data:
     return _Data(sched, cfg.steps or sched.steps_for_epochs(cfg.epochs), valid)
 
 
-def _engine(cfg: FinetuneConfig, model_path: str) -> tuple[Trainer, tuple[str, ...]]:
+def _engine(cfg: FinetuneConfig, model_path: str, rewards=None) -> tuple[Trainer, tuple[str, ...]]:
     """The trainer of the config's engine, and the packages its manifest records."""
     from localforge.backends import load, require
 
     spec = require(cfg.backend)
-    return load(spec.trainer)(_setup(cfg, model_path)), spec.packages
+    packages = spec.packages + spec.method_packages.get(cfg.method, ())
+    return load(spec.trainer)(_setup(cfg, model_path, rewards)), packages
 
 
 def _checkpoint_state(run: RunDir) -> tuple[Path, int, str] | None:
@@ -418,7 +487,13 @@ def _session(run: RunDir, cfg: FinetuneConfig, info: dict, on_event: Events | No
     from localforge.finetune.batches import input_tokens, learned_tokens
 
     state = _checkpoint_state(run)
-    trainer, packages = _engine(cfg, info["model_path"])
+    rewards = _rewards(cfg) if cfg.method == "grpo" else None
+    try:
+        trainer, packages = _engine(cfg, info["model_path"], rewards)
+    except BaseException:
+        if rewards is not None:
+            rewards.close()
+        raise
     try:
         data = _tokenized(cfg, trainer.tokenizer)
         if trainer.world_size != data.schedule.world_size:
@@ -446,16 +521,24 @@ def _session(run: RunDir, cfg: FinetuneConfig, info: dict, on_event: Events | No
             while step < data.total:
                 lr = lr_at(step, data.total, cfg)
                 rows = data.schedule.step_rows(step)
-                step_tokens, inputs = learned_tokens(rows), input_tokens(rows)
                 t0 = time.perf_counter()
-                loss = trainer.step(step, data.schedule.split(rows, trainer.rank), lr, step_tokens) / max(1, step_tokens)
+                if rewards is not None:
+                    rewards.step = step
+                    got = trainer.grpo_step(step, _prompts(data.schedule, rows, trainer.rank), lr)
+                    loss, inputs = float(got["loss"]), int(got.get("tokens", 0))
+                    extra = {k: round(float(v), 6) for k, v in got.items() if k not in ("loss", "tokens")}
+                else:
+                    step_tokens, inputs = learned_tokens(rows), input_tokens(rows)
+                    loss = trainer.step(step, data.schedule.split(rows, trainer.rank), lr, step_tokens) / max(1, step_tokens)
+                    extra = {"loss_tokens": step_tokens}
                 seconds = time.perf_counter() - t0
                 train_seconds += seconds
                 tokens_seen += inputs
                 step += 1
-                _log(run, history, main, {"step": step, "loss": loss, "lr": lr, "tokens": inputs,
-                                          "loss_tokens": step_tokens, "seconds": round(seconds, 4)})
-                emit("step", step=step, loss=loss, tokens_per_second=tokens_seen / train_seconds)
+                _log(run, history, main, {"step": step, "loss": loss, "lr": lr, "tokens": inputs, **extra,
+                                          "seconds": round(seconds, 4)})
+                emit("step", step=step, loss=loss, tokens_per_second=tokens_seen / train_seconds,
+                     **({"reward": extra["reward"]} if "reward" in extra else {}))
                 if data.valid and (step % cfg.eval_every == 0 or step == data.total):
                     total, n = trainer.eval_loss(data.valid)
                     _log(run, history, main, {"step": step, "eval_loss": total / max(1, n)})
@@ -470,24 +553,46 @@ def _session(run: RunDir, cfg: FinetuneConfig, info: dict, on_event: Events | No
 
         saved = None
         if step >= data.total and main:
-            out = run.model if cfg.method == "full" else run.adapter
+            out = run.model if cfg.weights == "full" else run.adapter
             try:
                 saved = trainer.export(out)
             except OSError as exc:
-                raise LocalforgeError(f"could not write the trained {'model' if cfg.method == 'full' else 'adapter'}"
+                raise LocalforgeError(f"could not write the trained {'model' if cfg.weights == 'full' else 'adapter'}"
                                       f" to {out}: {exc.strerror or exc}") from None
         final = manifest("completed" if step >= data.total else "interrupted", saved)
     finally:
         trainer.close()  # free the model before drawing (and when the session failed)
+        if rewards is not None:
+            rewards.close()
     if main:
         if interrupted:
             final["reason"] = f"stopped at step {step} of {data.total}"
         write_json(run.manifest, final)
-        plot_loss(history, run.plot, f"{cfg.model} {cfg.method} on {cfg.backend} ({Path(cfg.data).name})")
+        plot_loss(history, run.plot, f"{cfg.model} {cfg.method} on {cfg.backend} ({Path(cfg.data).name})",
+                  rewards=cfg.method == "grpo")
     if interrupted:
         raise TrainingInterrupted(f"stopped at step {step} of {data.total}; checkpoint saved in {run.latest()}: "
                                   f"continue with `localforge finetune resume {run.path}`")
     return final
+
+
+def _rewards(cfg: FinetuneConfig):
+    """The config's rewards bound to their options (and the teaching reward's student, loaded)."""
+    from localforge.finetune.rewards import NEEDS_STUDENT, Rewards, Student
+
+    student = Student(cfg.grpo.student) if any(r.name in NEEDS_STUDENT for r in cfg.grpo.rewards) else None
+    return Rewards(cfg.grpo.rewards, student)
+
+
+def _prompts(schedule: Schedule, rows: list, rank: int):
+    """Process ``rank``'s prompts of one GRPO step: its micro-batches' rows, in order."""
+    from localforge.backends.training import PromptBatch
+
+    mine = []
+    for a in range(schedule.grad_accum):
+        k = (a * schedule.world_size + rank) * schedule.batch_size
+        mine += [r[0] for r in rows[k:k + schedule.batch_size]]
+    return PromptBatch([r.messages for r in mine], [r.fields for r in mine])
 
 
 def _log(run: RunDir, history: list[dict], main: bool, row: dict) -> None:
@@ -530,7 +635,7 @@ def _manifest(run: RunDir, cfg: FinetuneConfig, info: dict, trainer: Trainer, pa
               wall: float = 0.0, output: dict | None = None) -> dict[str, Any]:
     """``output`` is what the run made (kind: adapter or model, format, path); ``adapter`` the same
     for a LoRA/DoRA run, None for a full run (whose output is a model folder)."""
-    full = cfg.method == "full"
+    full = cfg.weights == "full"
     metrics = final_metrics(history)
     metrics.update(train_seconds=round(train_seconds, 3), wall_seconds=round(wall, 3),
                    tokens_per_second=round(tokens / train_seconds, 2) if train_seconds else None,

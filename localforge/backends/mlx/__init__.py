@@ -8,8 +8,10 @@ SPECS = (
         name="mlx", label="MLX", extra="mlx", runs_on="Apple Silicon (Metal); Linux CPU via mlx[cpu]",
         generate="localforge.backends.mlx.generate:MLXBackend", requires=("mlx", "mlx_lm"),
         devices=("metal", "cpu"), prefers=("metal",), rank=3, adapters=True,
-        trainer="localforge.backends.mlx.train:MLXTrainer", methods=("lora", "dora", "full"),
+        trainer="localforge.backends.mlx.train:MLXTrainer", methods=("lora", "dora", "full", "grpo"),
         multi_process=False,
+        # GRPO through mlx-lm-lora's sampler and objective (Python >= 3.11)
+        method_requires={"grpo": ("mlx_lm_lora",)}, method_packages={"grpo": ("mlx-lm-lora",)},
         runtime_bytes={"metal": 300 * MiB, "cpu": 455 * MiB},
         packages=("mlx", "mlx-lm", "numpy"),
         caveats={"linux": "MLX on a Linux CPU (mlx[cpu]) is slow: about 10x slower generation than torch "

@@ -28,6 +28,7 @@ from localforge.backends.training import (
     IGNORE,
     PLAIN_HEADS,
     Batch,
+    PromptBatch,
     TrainSetup,
     read_checkpoint_file,
 )
@@ -97,6 +98,11 @@ class MLXTrainer:
         self.total_params = int(get_total_parameters(model)) + (self.trainable_params if self.lora_parameters else 0)
         self.optimizer = optim.AdamW(learning_rate=0.0, weight_decay=setup.weight_decay)
         self._grad = nn.value_and_grad(model, self._loss)
+        self.grpo = None
+        if setup.grpo is not None:
+            from localforge.backends.mlx.grpo import MLXGrpo
+
+            self.grpo = MLXGrpo(self, setup.grpo)
 
     def _trainable(self) -> list[tuple[str, Any]]:
         from mlx.utils import tree_flatten
@@ -198,6 +204,9 @@ class MLXTrainer:
         mx.eval(self.model.parameters(), self.optimizer.state)
         return loss
 
+    def grpo_step(self, step: int, prompts: PromptBatch, lr: float) -> dict[str, float]:
+        return self.grpo.step(step, prompts, lr)
+
     def eval_loss(self, batches: list[Batch]) -> tuple[float, int]:
         self.model.eval()
         try:
@@ -274,5 +283,7 @@ class MLXTrainer:
         pass
 
     def close(self) -> None:
-        self.model = self.optimizer = self._grad = None
+        if self.grpo is not None:
+            self.grpo.close()
+        self.model = self.optimizer = self._grad = self.grpo = None
         self.mx.clear_cache()

@@ -9,7 +9,8 @@ SPECS = (
         generate="localforge.backends.torch.generate:TorchBackend", requires=("torch", "transformers"),
         devices=("cuda", "mps", "cpu"), prefers=("cuda",), rank=2, adapters=True,
         fuse="localforge.backends.torch.fuse:fuse",
-        trainer="localforge.backends.torch.train:TorchTrainer", methods=("lora", "dora", "full"),
+        trainer="localforge.backends.torch.train:TorchTrainer", methods=("lora", "dora", "full", "grpo"),
+        method_requires={"grpo": ("trl",)}, method_packages={"grpo": ("trl",)},
         multi_process=True,
         # measured: the CPU runtime of a training process holds 455 MiB before the model loads
         runtime_bytes={"cpu": 455 * MiB, "cuda": 600 * MiB, "mps": 400 * MiB},

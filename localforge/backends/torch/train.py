@@ -28,9 +28,11 @@ from localforge.backends.training import (
     PLAIN_HEADS,
     Batch,
     CorruptCheckpoint,
+    PromptBatch,
     TrainSetup,
     read_checkpoint_file,
 )
+from localforge.errors import ConfigError
 from localforge.hardware import default_threads
 
 
@@ -69,6 +71,13 @@ class TorchTrainer:
         self.wrapped = self.loss  # what training calls: under DDP the wrapper, evaluation keeps the bare module
         if self.accelerator:
             self.wrapped, self.optimizer = self.accelerator.prepare(self.loss, self.optimizer)
+        self.grpo = None
+        if setup.grpo is not None:
+            if self.world_size > 1:
+                raise ConfigError("method grpo trains in one process on torch here: set num_processes: 1")
+            from localforge.backends.torch.grpo import TRLGrpo
+
+            self.grpo = TRLGrpo(self, setup.grpo)  # before any checkpoint loads: TRL seeds the process
 
     def _with_lora(self, model):
         from peft import LoraConfig, get_peft_model
@@ -110,6 +119,9 @@ class TorchTrainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return self._sum_over_processes(total)
+
+    def grpo_step(self, step: int, prompts: PromptBatch, lr: float) -> dict[str, float]:
+        return self.grpo.step(step, prompts, lr)
 
     def eval_loss(self, batches: list[Batch]) -> tuple[float, int]:
         self.model.eval()
@@ -207,6 +219,9 @@ class TorchTrainer:
     def close(self) -> None:
         if self.accelerator:
             self.accelerator.end_training()
+        if self.grpo is not None:
+            self.grpo.close()
+            self.grpo = None
         self.model = self.wrapped = self.loss = self.optimizer = self.params = None
         import gc
 

@@ -39,9 +39,10 @@ def report() -> dict[str, Any]:
             reason = "client installed; a local server answers" if name in servers else reason
         if ok and spec.caveats.get(profile.os):
             reason = f"{reason}; {spec.caveats[profile.os]}"
+        missing = _methods_missing(spec)
         backends[name] = {"available": ok, "reason": reason, "runs_on": spec.runs_on, "extra": spec.extra,
-                          "trains": list(spec.methods), "multi_process": spec.multi_process,
-                          "loads_adapters": spec.adapters}
+                          "trains": [m for m in spec.methods if m not in missing], "multi_process": spec.multi_process,
+                          "loads_adapters": spec.adapters, "methods_missing": missing}
     available = {n: b["available"] for n, b in backends.items()}
     recommended = trainer = None
     try:
@@ -70,6 +71,19 @@ def report() -> dict[str, Any]:
         "recommended_trainer": trainer,
         "notes": data["notes"],
     }
+
+
+def _methods_missing(spec) -> dict[str, str]:
+    """Methods the engine trains only with a package this machine lacks: method -> what to install."""
+    from importlib.util import find_spec
+
+    out = {}
+    for method, needs in spec.method_requires.items():
+        lacking = [n for n in needs if find_spec(n) is None]
+        if lacking:
+            dist = dict(zip(needs, spec.method_packages.get(method, ()), strict=False)).get(lacking[0], lacking[0])
+            out[method] = f"needs {dist}: pip install 'localforge[{spec.extra}]' (Python >= 3.11)"
+    return out
 
 
 def _gib(n: int) -> str:
@@ -101,6 +115,7 @@ def render(data: dict[str, Any]) -> None:
     for name, b in data["backends"].items():
         mark = "[green]yes[/]" if b["available"] else "[red]no[/]"
         trains = ", ".join(b["trains"]) + (" (several processes)" if b["multi_process"] else "") if b["trains"] else "-"
+        trains += "".join(f"; not {m}: {why}" for m, why in b.get("methods_missing", {}).items())
         be.add_row(name, mark, escape(b["runs_on"]), escape(trains), escape(b["reason"]))
     console.print(be)
     console.print(f"recommended backend: [bold]{data['recommended_backend'] or 'none'}[/]")

@@ -57,11 +57,18 @@ class LlamaCppBackend(Backend):
                 f"backend 'llamacpp' cannot import llama_cpp ({exc}): pip install 'localforge[llamacpp]'"
             ) from exc
         self.model_name = resolved.name
+        # One thread count for both phases. llama-cpp-python's defaults are half the cores for
+        # tokens and *all* of them for the prompt (n_threads_batch); its wheels use OpenMP, whose
+        # threads spin at each barrier, so a prompt on more threads than the cores free (another
+        # job on a small machine) stalls: 8 short chats took 42 s instead of 2.2 s on a 2-core VM
+        # with one core busy. --threads / $LOCALFORGE_THREADS must hold for the prompt too.
+        n_threads = threads or default_threads()
         try:
             self.llm = Llama(
                 model_path=resolved.gguf_path,
                 n_ctx=n_ctx,
-                n_threads=threads or default_threads(),  # llama-cpp-python's default is half the cores
+                n_threads=n_threads,
+                n_threads_batch=n_threads,
                 n_gpu_layers=n_gpu_layers,
                 verbose=False,
             )

@@ -81,6 +81,17 @@ def test_llamacpp_json_schema_mode(llamacpp_backend):
     assert set(json.loads(r.text)) == {"city"}
 
 
+def test_llamacpp_runs_the_prompt_on_the_threads_it_was_given(monkeypatch):
+    """The prompt (n_threads_batch) runs on the threads asked for, not llama-cpp-python's default of
+    every core: with OpenMP, a prompt on more threads than the free cores stalls (serve at 0.06x of
+    llama_cpp.server on a busy 2-core machine)."""
+    monkeypatch.setenv("LOCALFORGE_THREADS", "1")
+    with get_backend("llamacpp", MODEL) as be:
+        assert (be.llm.n_threads, be.llm.n_threads_batch) == (1, 1)
+    with get_backend("llamacpp", MODEL, threads=2) as be:
+        assert (be.llm.n_threads, be.llm.n_threads_batch) == (2, 2)
+
+
 def test_llamacpp_refuses_a_model_without_gguf(smol):
     with pytest.raises(Unsupported, match="loads .gguf files"):
         get_backend("llamacpp", smol.hf_path)

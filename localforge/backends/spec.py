@@ -37,6 +37,7 @@ class EngineSpec:
     # distributions a run of that method records in its manifest
     method_requires: dict[str, tuple[str, ...]] = field(default_factory=dict)
     method_packages: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    grpo_reference_copy: bool = False  # GRPO's KL reference is a second copy of the weights even for LoRA
     runtime_bytes: dict[str, int] = field(default_factory=dict)  # per device: memory the runtime holds
     packages: tuple[str, ...] = ()  # distributions whose versions a run manifest records
     # per OS ("linux", "darwin", as hardware.HardwareProfile.os): what users should know before

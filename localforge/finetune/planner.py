@@ -203,7 +203,7 @@ def predict_peak(shape: ModelShape, *, method: str, dtype: str, batch: int, seq:
 
 def predict_grpo_peak(shape: ModelShape, *, method: str, dtype: str, prompts: int, generations: int,
                       prompt_len: int, completion_len: int, rank: int, targets: list[str], layers: int,
-                      checkpointing: bool, runtime_bytes: int, beta: float) -> int:
+                      checkpointing: bool, runtime_bytes: int, beta: float, reference_copy: bool = False) -> int:
     """Peak memory of one GRPO micro-batch: ``prompts`` x ``generations`` sequences of
     ``prompt_len + completion_len`` tokens through the policy with gradients (as SFT over that
     batch, logits for the completion tokens only), the reference's forward for the KL (no copy
@@ -216,7 +216,7 @@ def predict_grpo_peak(shape: ModelShape, *, method: str, dtype: str, prompts: in
                          layers=layers, checkpointing=checkpointing, runtime_bytes=runtime_bytes)
     train -= rows * seq * shape.vocab * 4 * 3  # predict_peak's logits are over every token
     logits = rows * completion_len * shape.vocab * 4 * 3
-    reference = shape.params * b if method == "full" and beta > 0 else 0
+    reference = shape.params * b if (method == "full" or reference_copy) and beta > 0 else 0
     kv_cache = rows * seq * shape.layers * 2 * shape.kv_dim * b
     return int(train + logits + reference + kv_cache)
 
@@ -282,7 +282,8 @@ def plan(profile: HardwareProfile, shape: ModelShape, cfg: FinetuneConfig,
             return predict_grpo_peak(shape, method=cfg.weights, dtype=dtype, prompts=batch, generations=generations,
                                      prompt_len=cfg.grpo.max_prompt_length, completion_len=completion,
                                      rank=int(rank), targets=cfg.lora.targets, layers=layers, checkpointing=ckpt,
-                                     runtime_bytes=engine.runtime_bytes.get(device, 0), beta=cfg.grpo.beta)
+                                     runtime_bytes=engine.runtime_bytes.get(device, 0), beta=cfg.grpo.beta,
+                                     reference_copy=engine.grpo_reference_copy)
         return predict_peak(shape, method=cfg.method, dtype=dtype, batch=batch, seq=cfg.max_seq_length,
                             rank=int(rank), targets=cfg.lora.targets, layers=layers, checkpointing=ckpt,
                             runtime_bytes=engine.runtime_bytes.get(device, 0))

@@ -224,3 +224,25 @@ def test_full_grpo_writes_a_model_folder_and_keeps_a_reference(tmp_path, tiny_ll
     after = load_file(run.path / "model" / "model.safetensors")
     changed = [k for k in before if k in after and not np.array_equal(before[k], after[k])]
     assert len(changed) > len(before) // 2  # most weights moved, not only an adapter
+
+
+def test_a_grpo_run_exports_to_a_merged_folder_that_answers_like_base_plus_adapter(tmp_path, tiny_llama,
+                                                                                   monkeypatch, capsys):
+    """The run folder `finetune` wrote (not a hand-built one) is what `localforge export` reads."""
+    from localforge.backends import get_backend
+    from tests.helpers import MESSAGES
+
+    monkeypatch.chdir(tmp_path)
+    run, _ = start(project(tmp_path, tiny_llama, "torch", steps=2, lr=5e-2, rewards=NOISE_REWARDS, rows=SIMPLE))
+    train(run.path)
+    code, out, err = cli_main(monkeypatch, capsys, "export", str(run.path), "--to", "hf", "-o", "merged")
+    assert code == 0, err
+    assert Path(out.strip().splitlines()[-1]).resolve() == (tmp_path / "merged").resolve()
+
+    def answer(model, **kw):
+        with get_backend("torch", model, **kw) as be:
+            return be.chat(MESSAGES, max_tokens=8, temperature=0.0).text
+
+    adapted = answer(tiny_llama, adapter=str(run.path / "adapter"))
+    assert answer(str(tmp_path / "merged")) == adapted
+    assert answer(tiny_llama) != adapted  # GRPO moved the model: the comparison can fail

@@ -138,3 +138,41 @@ def test_processes_on_one_cpu_share_its_memory_and_the_effective_batch(project):
     gpus = plan(examples()["4x-h100-80gb"], SMOL, load_config(project / "config.yaml", ["num_processes=2"]))
     assert gpus.processes == 2 and gpus.memory_budget_bytes == plan(examples()["4x-h100-80gb"], SMOL, load_config(
         project / "config.yaml")).memory_budget_bytes  # each GPU has its own memory
+
+
+@pytest.mark.parametrize("machine, backend, generations, length, batch, accum", [
+    ("m3-max-128gb", "mlx", 8, 256, 4, 2),
+    ("1x-h100-80gb", "torch", 8, 512, 8, 1),
+    ("4x-h100-80gb", "torch", 8, 512, 8, 1),  # GRPO trains in one process
+    ("cpu-laptop-16gb", "torch", 4, 128, 1, 4),
+])
+def test_grpo_plans_generations_length_and_batch_per_machine(project, machine, backend, generations, length,
+                                                            batch, accum):
+    cfg = load_config(project / "config.yaml", ["method=grpo"])
+    p = plan(examples()[machine], SMOL, cfg)
+    assert (p.backend, p.num_generations, p.max_completion_length, p.batch_size, p.grad_accum, p.processes) == \
+        (backend, generations, length, batch, accum, 1)
+    assert p.predicted_peak_bytes <= p.memory_budget_bytes
+    assert any("generations per prompt" in r for r in p.reasons)
+
+
+def test_grpo_peak_counts_generations_completions_and_the_reference():
+    from localforge.finetune.planner import predict_grpo_peak
+
+    kw = dict(dtype="fp32", prompts=1, prompt_len=128, rank=8, targets=["q_proj", "v_proj"], layers=30,
+              checkpointing=False, runtime_bytes=0, beta=0.04)
+    lora = [predict_grpo_peak(SMOL, method="lora", generations=g, completion_len=128, **kw) for g in (2, 4, 8)]
+    assert lora == sorted(lora) and lora[0] < lora[-1]
+    longer = predict_grpo_peak(SMOL, method="lora", generations=4, completion_len=512, **kw)
+    assert longer > lora[1]
+    # a full run keeps a second copy of the weights for the KL, LoRA switches its adapter off
+    full = predict_grpo_peak(SMOL, method="full", generations=4, completion_len=128, **kw)
+    full_no_kl = predict_grpo_peak(SMOL, method="full", generations=4, completion_len=128, **{**kw, "beta": 0.0})
+    assert full - full_no_kl == SMOL.params * 4
+    copy = predict_grpo_peak(SMOL, method="lora", generations=4, completion_len=128, reference_copy=True, **kw)
+    assert copy - lora[1] == SMOL.params * 4
+    # against SFT over the same tokens: logits only for the completions, plus sampling's KV cache
+    sft = predict_peak(SMOL, method="lora", dtype="fp32", batch=4, seq=256, rank=8, targets=["q_proj", "v_proj"],
+                       layers=30, checkpointing=False, runtime_bytes=0)
+    kv = 4 * 256 * 30 * 2 * SMOL.kv_dim * 4
+    assert lora[1] == sft - 4 * 128 * SMOL.vocab * 4 * 3 + kv

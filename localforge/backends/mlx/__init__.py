@@ -12,6 +12,7 @@ SPECS = (
         multi_process=False,
         # GRPO through mlx-lm-lora's sampler and objective (Python >= 3.11)
         method_requires={"grpo": ("mlx_lm_lora",)}, method_packages={"grpo": ("mlx-lm-lora",)},
+        grpo_reference_copy=True,
         runtime_bytes={"metal": 300 * MiB, "cpu": 455 * MiB},
         packages=("mlx", "mlx-lm", "numpy"),
         caveats={"linux": "MLX on a Linux CPU (mlx[cpu]) is slow: about 10x slower generation than torch "

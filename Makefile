@@ -20,12 +20,16 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
 
+# `localforge export setup`: llama.cpp's HF->GGUF converter from the installed llama-cpp-python's
+# source distribution (pip downloads it once; its cache makes repeats offline)
 $(VENV)/.demo-installed: $(BIN)/python pyproject.toml constraints.txt
 	$(PIP) -e ".[demo]"
+	$(BIN)/localforge export setup
 	touch $@
 
 $(VENV)/.dev-installed: $(BIN)/python pyproject.toml constraints.txt
 	$(PIP) -e ".[dev]"
+	$(BIN)/localforge export setup
 	touch $@ $(VENV)/.demo-installed
 
 demo: $(VENV)/.demo-installed
@@ -51,12 +55,14 @@ bench: $(VENV)/.dev-installed
 	$(BIN)/python benchmarks/generation.py
 	$(BIN)/python benchmarks/backends.py
 	$(BIN)/python benchmarks/finetune.py
+	$(BIN)/python benchmarks/grpo.py
 	$(BIN)/python benchmarks/planner.py
 	$(BIN)/python benchmarks/extract.py
 	$(BIN)/python benchmarks/chunking.py
 	$(BIN)/python benchmarks/grounding.py
 	$(BIN)/python benchmarks/teach.py
 	$(BIN)/python benchmarks/teach_adaptive.py
+	$(BIN)/python benchmarks/serve.py
 
 clean:
 	rm -rf $(VENV)

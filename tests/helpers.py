@@ -117,3 +117,35 @@ def make_tiny_llama(path, smol_hf: str, seed: int = 0) -> str:
 
 def write_jsonl(path, rows) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_offline_llama(path, hidden: int = 64, layers: int = 2, seed: int = 0) -> str:
+    """A random Llama with a byte-level BPE tokenizer trained here on a few sentences and a ChatML
+    template, saved as a HF folder: no bundled model, no hub (for the device machine, which has
+    neither). Real shapes come from ``hidden``/``layers``."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = [f"What is {a} + {b}? {a} + {b} = {a + b}. #### {a + b}" for a in range(30) for b in range(30)]
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=512, special_tokens=special,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token="<|im_start|>")
+    fast.chat_template = CHATML
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=hidden, intermediate_size=hidden * 2,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=fast.bos_token_id,
+                         eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(path)
+    fast.save_pretrained(path)
+    return str(path)

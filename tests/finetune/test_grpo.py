@@ -251,3 +251,35 @@ def test_a_grpo_run_exports_to_a_merged_folder_that_answers_like_base_plus_adapt
     adapted = answer(tiny_llama, adapter=str(run.path / "adapter"))
     assert answer(str(tmp_path / "merged")) == adapted
     assert answer(tiny_llama) != adapted  # GRPO moved the model: the comparison can fail
+
+
+def _cuda():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU on this machine")
+
+
+@pytest.mark.cuda
+def test_grpo_on_cuda(tmp_path, monkeypatch):
+    """On a GPU: bf16, sampling through transformers (or vLLM in colocate mode where installed), a
+    random model with its own tokenizer (runs where the bundled model cannot travel)."""
+    _cuda()
+    from tests.helpers import make_offline_llama
+
+    monkeypatch.chdir(tmp_path)
+    model = make_offline_llama(tmp_path / "m", hidden=256, layers=4)
+    run, _ = start(project(tmp_path, model, "torch", steps=2, lr=1e-3, rewards=NOISE_REWARDS, rows=SIMPLE))
+    manifest = train(run.path)
+    assert manifest["status"] == "completed" and manifest["plan"]["device"] == "cuda"
+    assert manifest["plan"]["dtype"] in ("bf16", "fp16")
+
+
+def test_the_offline_model_trains_grpo_here_too(tmp_path, monkeypatch):
+    """The model the CUDA test builds (its own tokenizer, no bundled files) runs a GRPO step on the CPU."""
+    from tests.helpers import make_offline_llama
+
+    monkeypatch.chdir(tmp_path)
+    model = make_offline_llama(tmp_path / "m")
+    run, _ = start(project(tmp_path, model, "torch", steps=1, lr=1e-3, rewards=NOISE_REWARDS, rows=SIMPLE,
+                           save=1, accum=1))
+    assert train(run.path)["status"] == "completed"

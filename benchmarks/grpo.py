@@ -2,10 +2,11 @@
 directly with the same settings, side by side in one run.
 
 Every contender trains the bundled SmolLM2-135M with LoRA (rank 8, alpha 16, q_proj + v_proj,
-every layer) on the same GSM8K rows (the shared corpus; arithmetic rows when it is absent), with
+every layer) on one GSM8K question (the shared corpus's first; a similar one when it is absent), with
 the same rewards (localforge's exact_match and format, weight 1 and 0.5), generations per prompt,
-completion length, prompts per step, beta, epsilon, temperature, learning rate (constant), fp32,
-no gradient checkpointing and clipping at 1.0, each in its own process on the same thread count:
+completion length, prompts per step, beta, epsilon, temperature, learning rate (constant), fp32 on
+a CPU (GRPOConfig's default bf16 autocast is turned off for TRL: on a CPU without bf16 units it is
+several times slower) and bf16 on CUDA, no gradient checkpointing and clipping at 1.0, each in its own process on the same thread count:
 
 - ``localforge-torch``: ``localforge finetune CONFIG --no-progress`` (the CLI, TRL underneath, a
   step at a time);
@@ -44,14 +45,15 @@ REWARDS = [("exact_match", 1.0), ("format", 0.5)]
 
 
 def write_rows(path: Path, n: int = 64) -> Path:
-    rows = []
+    """``n`` rows of one GSM8K question: the contenders order their data differently (localforge by
+    (seed, step), TRL by its sampler), and with one question every step of every contender reads
+    the same prompt, so a step's work differs only by where sampling stops."""
     if GSM8K.is_file():
-        for line in GSM8K.read_text(encoding="utf-8").splitlines()[:n]:
-            r = json.loads(line)
-            rows.append({"question": r["question"], "answer": r["answer"]})
+        r = json.loads(GSM8K.read_text(encoding="utf-8").splitlines()[0])
+        row = {"question": r["question"], "answer": r["answer"]}
     else:
-        rows = [{"question": f"What is {a} + {b}?", "answer": f"#### {a + b}"} for a in range(8) for b in range(8)][:n]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        row = {"question": "Natalia sold 48 clips in April and half as many in May. How many in all?", "answer": "#### 72"}
+    path.write_text((json.dumps(row) + "\n") * n)
     return path
 
 
@@ -93,8 +95,10 @@ def child_trl(spec: dict) -> dict:
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["question"]}], "answer": r["answer"]}
                               for r in rows])
     tok = AutoTokenizer.from_pretrained(spec["model_path"])
-    model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32)
     cuda = torch.cuda.is_available()
+    # localforge's plan: fp32 on a CPU, bf16 weights on CUDA. GRPOConfig defaults to bf16 autocast,
+    # which on a CPU without bf16 units is several times slower: set both sides alike
+    model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.bfloat16 if cuda else torch.float32)
     config = GRPOConfig(
         output_dir=str(Path(spec["work"], "trl")), report_to=[], save_strategy="no", logging_strategy="no",
         per_device_train_batch_size=spec["batch"] * spec["generations"], gradient_accumulation_steps=spec["accum"],
@@ -102,7 +106,7 @@ def child_trl(spec: dict) -> dict:
         max_completion_length=spec["tokens"], beta=BETA, epsilon=EPSILON, temperature=1.0, top_p=1.0,
         reward_weights=[w for _, w in REWARDS], max_steps=spec["steps"], learning_rate=LR,
         lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, seed=SEED, use_cpu=not cuda,
-        activation_checkpointing=False, log_completions=False, disable_tqdm=True,
+        activation_checkpointing=False, log_completions=False, disable_tqdm=True, bf16=cuda, fp16=False,
         use_vllm=spec.get("vllm", False), vllm_mode="colocate")
     peft = LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules=LORA["targets"],
                       task_type="CAUSAL_LM")

@@ -18,7 +18,7 @@ from localforge.commands.common import HELP
 
 app = typer.Typer(
     name="localforge",
-    help="Build small, specialised LLMs on your own hardware: extract records from documents, teach (training pairs, DCR, adaptive teaching), fine-tune models.",
+    help="Build small, specialised LLMs on your own hardware: extract records from documents, teach (training pairs, DCR, adaptive teaching), fine-tune (SFT, GRPO), export and serve models.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -12,7 +12,7 @@ import typer
 
 from localforge.commands import common
 
-app = common.group("Fine-tune (LoRA, DoRA, full) from one config on any engine that trains; resume runs.")
+app = common.group("Fine-tune (LoRA, DoRA, full, GRPO) from one config on any engine that trains; resume runs.")
 PROCESSES = "Several processes (accelerate)"
 
 
@@ -32,7 +32,7 @@ def finetune(
     accelerate_config: Annotated[str | None, typer.Option("--accelerate-config", help="An `accelerate config` file (FSDP, DeepSpeed, multi-node).", rich_help_panel=PROCESSES)] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")] = True,
 ) -> None:
-    """LoRA/DoRA/full fine-tuning from one config, planned for this machine.
+    """LoRA/DoRA/full fine-tuning or GRPO from one config, planned for this machine.
 
     Every setting is checked (ranges, LoRA targets and layers against the model, max_seq_length
     against its context, the predicted peak against the memory budget) before anything is written;

@@ -177,8 +177,9 @@ BOOL_WORDS = {"0", "1", "true", "false", "yes", "no", "on", "off", "t", "f", "y"
 def _fields() -> list[tuple[str, dict]]:
     out = []
     for name, prop in SCHEMA["properties"].items():
-        if "$ref" in prop:
-            sub = SCHEMA["$defs"][prop["$ref"].rsplit("/", 1)[-1]]
+        ref = prop.get("$ref") or next((a["$ref"] for a in prop.get("anyOf", []) if "$ref" in a), None)
+        if ref:  # a section (lora, or the optional grpo): its keys one by one
+            sub = SCHEMA["$defs"][ref.rsplit("/", 1)[-1]]
             out += [(f"{name}.{k}", v) for k, v in sub["properties"].items()]
         else:
             out.append((name, prop))
@@ -221,6 +222,8 @@ def accepts(alt: dict, v) -> bool:
         return x is not None and (kind == "number" or x == int(x) if math.isfinite(x) else False) and _in_range(alt, x)
     if kind == "string":
         return isinstance(v, str) and len(v.strip()) >= alt.get("minLength", 0)
+    if kind == "object":
+        return isinstance(v, dict)
     if kind == "array":
         return isinstance(v, list) and len(v) >= alt.get("minItems", 0) and all(accepts(alt["items"], i) for i in v)
     return True

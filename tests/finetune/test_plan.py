@@ -53,7 +53,7 @@ def test_the_issue_config_loads_with_overrides(project):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("method=qlora", "config key 'method': expected 'lora', 'dora' or 'full', got 'qlora'"),
+    ("method=qlora", "config key 'method': expected 'lora', 'dora', 'full' or 'grpo', got 'qlora'"),
     ("lora.rnk=3", "config key 'lora.rnk' is not known"),
     ("batch_size=big", "config key 'batch_size': expected a whole number or 'auto', got 'big'"),
     ("learning_rate=-1", "config key 'learning_rate': input should be greater than 0"),

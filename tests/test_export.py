@@ -73,10 +73,10 @@ def trained(hf_base, tmp_path_factory) -> dict:
     labels = ids.clone()
     labels[:, :prompt_ids.shape[1]] = -100
     model = AutoModelForCausalLM.from_pretrained(hf_base, dtype=torch.float32)
+    torch.manual_seed(0)  # LoRA's A matrices: the same whatever ran before in this process
     peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"],
                                                   layers_to_transform=list(range(22, 30)), lora_dropout=0.0,
                                                   task_type="CAUSAL_LM"))
-    torch.manual_seed(0)
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(3):
         peft_model(input_ids=ids, labels=labels).loss.backward()

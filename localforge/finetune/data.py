@@ -60,7 +60,9 @@ def parse_row(row: object) -> Example:
     raise ValueError("unknown row format: give 'messages', 'prompt' + 'completion', or 'text'")
 
 
-def read_jsonl(path: Path) -> list[Example]:
+def read_jsonl(path: Path, parse=parse_row) -> list:
+    """Every row of ``path`` through ``parse`` (a ``ValueError`` there is that row's fault); the
+    first bad row named by file and line, with how many more there are."""
     rows, errors = [], []
     with open(path, encoding="utf-8", errors="strict") as fh:
         try:
@@ -68,7 +70,7 @@ def read_jsonl(path: Path) -> list[Example]:
                 if not line.strip():
                     continue
                 try:
-                    rows.append(parse_row(json.loads(line)))
+                    rows.append(parse(json.loads(line)))
                 except json.JSONDecodeError as exc:
                     errors.append(f"{path} line {n}: not valid JSON ({exc.msg})")
                 except ValueError as exc:
@@ -83,16 +85,18 @@ def read_jsonl(path: Path) -> list[Example]:
     return rows
 
 
-def load_data(data: str | Path) -> Dataset:
+def load_data(data: str | Path, parse=parse_row) -> Dataset:
+    """The rows of a JSONL file (the train split) or of a folder's train/valid/test files, each
+    through ``parse``."""
     path = Path(data)
     ds = Dataset()
     if path.is_file():
-        ds.splits["train"], ds.files["train"] = read_jsonl(path), str(path)
+        ds.splits["train"], ds.files["train"] = read_jsonl(path, parse), str(path)
     elif path.is_dir():
         for split in SPLITS:
             f = path / f"{split}.jsonl"
             if f.is_file():
-                ds.splits[split], ds.files[split] = read_jsonl(f), str(f)
+                ds.splits[split], ds.files[split] = read_jsonl(f, parse), str(f)
         if "train" not in ds.splits:
             raise ConfigError(f"data folder {path} has no train.jsonl (it may also hold valid.jsonl and test.jsonl)")
     else:
@@ -144,34 +148,11 @@ def parse_prompt_row(row: object) -> PromptRow:
 def load_prompts(data: str | Path, needs: set[str] = frozenset()) -> Dataset:
     """GRPO rows by split (train, valid, test), each row checked, and every field in ``needs``
     (what the rewards read) present: the first bad row named by file and line."""
-    path = Path(data)
-    files = {"train": path} if path.is_file() else {s: path / f"{s}.jsonl" for s in SPLITS if (path / f"{s}.jsonl").is_file()}
-    if "train" not in files:
-        load_data(data)  # its errors: a missing path, a folder without train.jsonl
-    out = Dataset()
-    for split, f in files.items():
-        rows, errors = [], []
-        try:
-            with open(f, encoding="utf-8", errors="strict") as fh:
-                for n, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = parse_prompt_row(json.loads(line))
-                        missing = sorted(k for k in needs if k not in row.fields)
-                        if missing:
-                            raise ValueError(f"no '{missing[0]}' field, which the config's rewards read")
-                        rows.append(row)
-                    except json.JSONDecodeError as exc:
-                        errors.append(f"{f} line {n}: not valid JSON ({exc.msg})")
-                    except ValueError as exc:
-                        errors.append(f"{f} line {n}: {exc}")
-        except UnicodeDecodeError:
-            raise ConfigError(f"{f}: not UTF-8 text") from None
-        if errors:
-            more = f" ({len(errors) - 1} more bad rows)" if len(errors) > 1 else ""
-            raise ConfigError(errors[0] + more)
-        if not rows:
-            raise ConfigError(f"{f}: no rows")
-        out.splits[split], out.files[split] = rows, str(f)
-    return out
+    def parse(row: object) -> PromptRow:
+        prompt = parse_prompt_row(row)
+        missing = sorted(k for k in needs if k not in prompt.fields)
+        if missing:
+            raise ValueError(f"no '{missing[0]}' field, which the config's rewards read")
+        return prompt
+
+    return load_data(data, parse)

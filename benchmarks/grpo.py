@@ -31,11 +31,16 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from finetune import (  # benchmarks/finetune.py: one thread per child, its peak RSS
+    _tail,
+    child_env,
+    run_process,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT.parent / "shared" / "corpus" / "gsm8k" / "train-first2000.jsonl"
@@ -123,26 +128,6 @@ def child_main(name: str, spec_path: str, result_path: str) -> None:
 
 
 # --- the parent ------------------------------------------------------------------------------------
-def child_env(threads: int) -> dict:
-    env = dict(os.environ)
-    env.update(LOCALFORGE_THREADS=str(threads), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
-    return env
-
-
-def run_process(cmd: list[str], env: dict, log: Path) -> dict:
-    t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    return {"rc": os.waitstatus_to_exitcode(status), "peak_rss_bytes": rss, "wall_s": time.perf_counter() - t0}
-
-
-def _tail(log: Path, n: int = 15) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
-
-
 def run_localforge(backend: str, s: dict, work: Path, tag: str) -> dict:
     import yaml
 

@@ -48,14 +48,15 @@ def _encode_chat(tokenizer, messages: list[dict], mask_prompt: bool) -> Encoded:
         for i, msg in enumerate(messages):
             if msg["role"] != "assistant":
                 continue
-            start = len(_generation_prefix(tokenizer, messages[:i]))
+            start = len(prompt_ids(tokenizer, messages[:i]))
             end = len(_chat_ids(tokenizer, messages[: i + 1]))
             for t in range(start, min(end, len(ids))):
                 learn[t] = True
     return Encoded(ids, learn)
 
 
-def _generation_prefix(tokenizer, messages: list[dict]) -> list[int]:
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The tokens of ``messages`` through the chat template, up to where the assistant's answer begins."""
     ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
@@ -170,13 +171,14 @@ class Schedule:
         start = step * self.rows_per_step
         return [self._row(i) for i in range(start, start + self.rows_per_step)]
 
+    def micro_rows(self, rows: list, rank: int = 0) -> list[list]:
+        """Process ``rank``'s share of one step's ``rows``, as its micro-batches' rows in order."""
+        return [rows[k:k + self.batch_size]
+                for k in ((a * self.world_size + rank) * self.batch_size for a in range(self.grad_accum))]
+
     def split(self, rows: list[list[Encoded]], rank: int = 0) -> list[Batch]:
         """Process ``rank``'s micro-batches of one step's ``rows``."""
-        out = []
-        for a in range(self.grad_accum):
-            k = (a * self.world_size + rank) * self.batch_size
-            out.append(collate(rows[k:k + self.batch_size], self.pad_id))
-        return out
+        return [collate(chunk, self.pad_id) for chunk in self.micro_rows(rows, rank)]
 
     def micro_batches(self, step: int, rank: int = 0) -> list[Batch]:
         return self.split(self.step_rows(step), rank)

@@ -191,7 +191,7 @@ def prepare(config_path: str | Path | None, overrides: list[str] = (), flags: di
     if too_big:
         p.reasons.append("forced: the predicted peak exceeds the memory budget; expect swapping or out-of-memory")
     if cfg.method == "grpo":
-        _check_prompts(cfg, data, model_path, p)
+        _check_prompts(cfg, data, model_path)
     else:
         _check_rows(cfg, data, model_path)
     return Prepared(cfg, data, model_path, shape, p)
@@ -224,12 +224,13 @@ def _grpo_data(cfg: FinetuneConfig):
     return load_prompts(cfg.data, needs_fields(cfg.grpo.rewards))
 
 
-def _check_prompts(cfg: FinetuneConfig, data, model_path: str, p: Plan) -> None:
-    """Every GRPO prompt, through the model's chat template, within grpo.max_prompt_length, and
-    prompt + completion within the model's context."""
+def _check_prompts(cfg: FinetuneConfig, data, model_path: str) -> None:
+    """Every GRPO prompt, through the model's chat template, within grpo.max_prompt_length (prompt
+    plus completion within the model's context is ``model_problems``' check)."""
     from importlib.util import find_spec
 
     from localforge.backends import load_tokenizer
+    from localforge.finetune.batches import prompt_ids
 
     if find_spec("transformers") is None:
         return
@@ -237,8 +238,7 @@ def _check_prompts(cfg: FinetuneConfig, data, model_path: str, p: Plan) -> None:
     limit = cfg.grpo.max_prompt_length
     for split, rows in data.splits.items():
         for n, row in enumerate(rows, 1):
-            ids = tokenizer.apply_chat_template(row.messages, add_generation_prompt=True, tokenize=True)
-            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+            ids = prompt_ids(tokenizer, row.messages)
             if len(ids) > limit:
                 raise ConfigError(f"{data.files[split]} row {n}: the prompt is {len(ids)} tokens, more than "
                                   f"grpo.max_prompt_length {limit}: raise it or shorten the prompt")
@@ -588,10 +588,7 @@ def _prompts(schedule: Schedule, rows: list, rank: int):
     """Process ``rank``'s prompts of one GRPO step: its micro-batches' rows, in order."""
     from localforge.backends.training import PromptBatch
 
-    mine = []
-    for a in range(schedule.grad_accum):
-        k = (a * schedule.world_size + rank) * schedule.batch_size
-        mine += [r[0] for r in rows[k:k + schedule.batch_size]]
+    mine = [r[0] for chunk in schedule.micro_rows(rows, rank) for r in chunk]
     return PromptBatch([r.messages for r in mine], [r.fields for r in mine])
 
 

@@ -142,14 +142,9 @@ def _read_rows(spec: dict) -> list[dict]:
     return [json.loads(line) for line in Path(spec["data"], "train.jsonl").read_text().splitlines() if line]
 
 
-def child_trl(spec: dict) -> dict:
-    torch = _torch_setup(spec)
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
-
-    steps: list[dict] = []
+def step_timer(steps: list[dict]):
+    """A transformers Trainer callback appending each step's input tokens, duration and end time to ``steps``."""
+    from transformers import TrainerCallback
 
     class Timer(TrainerCallback):
         begin, seen = 0.0, 0
@@ -161,6 +156,18 @@ def child_trl(spec: dict) -> dict:
             end = time.perf_counter()
             steps.append({"tokens": state.num_input_tokens_seen - self.seen, "step_s": end - self.begin, "end": end})
             self.seen = state.num_input_tokens_seen
+
+    return Timer()
+
+
+def child_trl(spec: dict) -> dict:
+    torch = _torch_setup(spec)
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    steps: list[dict] = []
 
     tok = AutoTokenizer.from_pretrained(spec["model_path"])
     model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32)
@@ -175,7 +182,7 @@ def child_trl(spec: dict) -> dict:
     peft = LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                       target_modules=LORA["targets"], task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(_read_rows(spec)),
-                         processing_class=tok, peft_config=peft, callbacks=[Timer()])
+                         processing_class=tok, peft_config=peft, callbacks=[step_timer(steps)])
     trainer.train()
     return {"steps": steps, "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)}
 

@@ -36,10 +36,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from finetune import (  # benchmarks/finetune.py: one thread per child, its peak RSS
+from finetune import (  # benchmarks/finetune.py: one thread per child, its peak RSS, TRL step times
     _tail,
     child_env,
     run_process,
+    step_timer,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +68,7 @@ def child_trl(spec: dict) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     from localforge.backends.hf import quiet_transformers
@@ -76,17 +77,6 @@ def child_trl(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     quiet_transformers()
     steps: list[dict] = []
-
-    class Timer(TrainerCallback):
-        begin, seen = 0.0, 0
-
-        def on_step_begin(self, args, state, control, **kw):
-            self.begin = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            end = time.perf_counter()
-            steps.append({"tokens": state.num_input_tokens_seen - self.seen, "step_s": end - self.begin})
-            self.seen = state.num_input_tokens_seen
 
     def reward(name):
         def fn(prompts, completions, **fields):
@@ -116,7 +106,7 @@ def child_trl(spec: dict) -> dict:
     peft = LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules=LORA["targets"],
                       task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=model, reward_funcs=[reward(n) for n, _ in REWARDS], args=config, train_dataset=data,
-                          processing_class=tok, peft_config=peft, callbacks=[Timer()])
+                          processing_class=tok, peft_config=peft, callbacks=[step_timer(steps)])
     trainer.train()
     return {"steps": steps}
 

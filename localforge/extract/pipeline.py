@@ -57,14 +57,15 @@ class ExtractSettings(BackendChoice):
     fields: str | None = Field(None, description='inline fields: "title:str, release:str, frequency_mhz:float"')
     examples: list[dict] | str | None = Field(None, description='few-shot examples: [{"text", "records"}] or a JSON file')
     route: str | None = Field(None, description="with --model SMALL,LARGE: when the large one is used")
-    temperature: float = Field(0.0, ge=0)
+    temperature: float = Field(0.0, ge=0, description="sampling temperature (0: greedy)")
     passes: int = Field(1, ge=1, description="independent passes, merged (more recall, more calls)")
     chunk_size: int = Field(384, ge=16, description="tokens per chunk")
     overlap: int = Field(48, ge=0, description="tokens shared by neighbouring chunks")
-    max_tokens: int = Field(512, ge=1)
+    max_tokens: int = Field(512, ge=1, description="tokens per answer (the records of one chunk)")
     attempts: int = Field(3, ge=1, description="asks per chunk before it is rejected")
-    cache: bool = True
-    pdf_mode: Literal["auto", "native", "standard"] = "auto"
+    cache: bool = Field(True, description="reuse answers from the call cache")
+    pdf_mode: Literal["auto", "native", "standard"] = Field(
+        "auto", description="PDFs: native (docling's text layer), standard (its layout models, from $DOCLING_ARTIFACTS_PATH), auto (standard when they are there)")
     pdf_password: str | None = Field(None, description="opens encrypted PDFs (not part of the settings digest)")
 
     _a_server_url = field_validator("base_url")(server_url)  # the error names the flag, override or file

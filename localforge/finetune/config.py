@@ -53,7 +53,7 @@ class LoraConfig(BaseModel):
 
     rank: Annotated[Int, Field(ge=1, le=4096)] | Auto = Field(8, description="LoRA rank, or auto (chosen by the planner)")
     alpha: Float = Field(16.0, gt=0, allow_inf_nan=False, description="LoRA scale numerator (0 would train nothing)")
-    dropout: Float = Field(0.0, ge=0.0, lt=1.0)
+    dropout: Float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA input")
     targets: list[Name] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1,
                                 description="the model's linear layers to adapt (checked against the model)")
     layers: Count | Auto | None = Field(None, description="adapt only the last N layers (None: all; at most the model's)")
@@ -87,15 +87,16 @@ class GrpoConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rewards: list[Annotated[RewardSpec, BeforeValidator(_reward_spec)]] = Field(
-        default_factory=lambda: [RewardSpec(name="exact_match")], min_length=1)
+        default_factory=lambda: [RewardSpec(name="exact_match")], min_length=1,
+        description="rewards by name (exact_match, format, length, json_valid, json_fields, teaching) or {name, weight, its options}")
     train: Literal["lora", "dora", "full"] = Field("lora", description="the weights GRPO updates")
-    num_generations: Annotated[Int, Field(ge=2, le=64)] | Auto = "auto"
-    max_completion_length: Annotated[Int, Field(ge=1, le=32768)] | Auto = "auto"
-    max_prompt_length: Annotated[Int, Field(ge=8)] = 256
+    num_generations: Annotated[Int, Field(ge=2, le=64)] | Auto = Field("auto", description="completions sampled per prompt (a group); auto: 8 on an accelerator, 4 on a CPU")
+    max_completion_length: Annotated[Int, Field(ge=1, le=32768)] | Auto = Field("auto", description="tokens per sampled completion, at most; auto: 512 on CUDA, 256 on Metal, 128 on a CPU")
+    max_prompt_length: Annotated[Int, Field(ge=8)] = Field(256, description="a prompt longer than this (in tokens, chat template included) is refused before training")
     beta: Float = Field(0.04, ge=0.0, allow_inf_nan=False, description="KL penalty towards the starting model")
     epsilon: Float = Field(0.2, gt=0.0, lt=1.0, allow_inf_nan=False, description="clipping of the policy ratio")
-    temperature: Float = Field(1.0, gt=0.0, le=10.0, allow_inf_nan=False)
-    top_p: Float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    temperature: Float = Field(1.0, gt=0.0, le=10.0, allow_inf_nan=False, description="sampling temperature of the completions")
+    top_p: Float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="nucleus sampling of the completions")
     scale_rewards: bool = Field(True, description="divide each group's advantages by its reward spread")
     student: dict = Field(default_factory=dict, description="the teaching reward's student: backend, model, ...")
 
@@ -104,33 +105,33 @@ class FinetuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     PATHS: ClassVar[tuple[str, ...]] = ("data",)  # read beside the config file when it is there
 
-    model: Name = DEFAULT_MODEL
-    data: Name
-    method: Literal["lora", "dora", "full", "grpo"] = "lora"
-    lora: LoraConfig = Field(default_factory=LoraConfig)
+    model: Name = Field(DEFAULT_MODEL, description="the model to train: an alias, a HF folder, a .gguf (converted), a cached repo id")
+    data: Name = Field(description="a JSONL file, or a folder with train.jsonl (and valid.jsonl): messages, prompt/completion or text rows")
+    method: Literal["lora", "dora", "full", "grpo"] = Field("lora", description="what to train: LoRA or DoRA adapters, every weight, or GRPO")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="the adapter (lora, dora; grpo with train: lora|dora)")
     grpo: GrpoConfig | None = Field(None, description="method grpo's keys (rewards, generations, beta, ...)")
     backend: str = Field("auto", description="auto, or an engine that trains (see `localforge doctor`)")
-    steps: Int | None = Field(None, ge=1)
-    epochs: Float | None = Field(None, gt=0, allow_inf_nan=False)
-    batch_size: Count | Auto = "auto"
-    grad_accum: Count | Auto = "auto"
-    learning_rate: Float = Field(2e-4, gt=0, allow_inf_nan=False)
-    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
-    warmup_steps: Int = Field(0, ge=0)
+    steps: Int | None = Field(None, ge=1, description="optimizer steps (default 100 when epochs is unset)")
+    epochs: Float | None = Field(None, gt=0, allow_inf_nan=False, description="passes over the training rows instead of steps")
+    batch_size: Count | Auto = Field("auto", description="rows per micro-batch per process; auto: the planner's, from memory")
+    grad_accum: Count | Auto = Field("auto", description="micro-batches per optimizer step; auto: the planner's")
+    learning_rate: Float = Field(2e-4, gt=0, allow_inf_nan=False, description="the peak learning rate (AdamW)")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="the decay after warmup")
+    warmup_steps: Int = Field(0, ge=0, description="steps of linear warmup from 0")
     max_seq_length: Int = Field(512, ge=16, description="at most the model's context (checked against the model)")
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    gradient_checkpointing: bool | Auto = "auto"
-    mask_prompt: bool = True  # train on completions only
-    packing: bool = False
-    seed: Int = Field(0, ge=0, le=SEED_MAX)
-    eval_every: Int = Field(50, ge=1)
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="training precision; auto: bf16 where the device has it, else fp32")
+    gradient_checkpointing: bool | Auto = Field("auto", description="recompute activations to save memory; auto: when the plan needs it")
+    mask_prompt: bool = Field(True, description="train on the completions only (the prompt's tokens get no loss)")
+    packing: bool = Field(False, description="pack several short rows into one sequence")
+    seed: Int = Field(0, ge=0, le=SEED_MAX, description="seeds the data order, the adapter's init and dropout")
+    eval_every: Int = Field(50, ge=1, description="steps between validation losses (with valid rows)")
     eval_batches: Int | None = Field(None, ge=1, description="cap on validation batches per evaluation")
-    save_every: Int = Field(50, ge=1)
+    save_every: Int = Field(50, ge=1, description="steps between checkpoints (a resume starts from the newest)")
     keep_checkpoints: Int = Field(2, ge=1, description="newest checkpoints kept; older ones are deleted")
-    weight_decay: Float = Field(0.0, ge=0.0, allow_inf_nan=False)
-    max_grad_norm: Float | None = Field(1.0, gt=0, allow_inf_nan=False)
+    weight_decay: Float = Field(0.0, ge=0.0, allow_inf_nan=False, description="AdamW weight decay")
+    max_grad_norm: Float | None = Field(1.0, gt=0, allow_inf_nan=False, description="gradient clipping (null: none)")
     num_processes: Count | Auto = Field("auto", description="training processes (accelerate launch); auto: one per GPU")
-    output_dir: Name = "runs/run"
+    output_dir: Name = Field("runs/run", description="the run folder: adapter, checkpoints, metrics, manifest, loss.png")
 
     @field_validator("backend")
     @classmethod

@@ -125,11 +125,15 @@ def server_url(cls, value: str | None, info) -> str | None:
 
 
 def resolve_auto(model: str, adapter: bool = False) -> str:
-    """``choose`` for this machine and ``model``; with ``adapter``, only among backends that load one."""
+    """``choose`` for this machine and ``model``; with ``adapter``, only among backends that load one.
+    A reference an engine claims by its prefix (``ollama:TAG``) is that engine's."""
     from localforge.backends.server import answering_local_servers
     from localforge.hardware import HardwareProfile
     from localforge.models import resolve
 
+    for s in REGISTRY.values():
+        if s.model_prefix and model.startswith(s.model_prefix):
+            return s.name
     resolved = resolve(model)
     formats = tuple(f for f, p in (("hf", resolved.hf_path), ("gguf", resolved.gguf_path)) if p)
     servers = () if adapter else answering_local_servers()

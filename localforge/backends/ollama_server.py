@@ -27,7 +27,7 @@ from localforge.backends.types import (
 SPECS = (
     EngineSpec(name="ollama", label="Ollama", extra="", runs_on="Ollama server (http://localhost:11434, $OLLAMA_HOST)",
                generate="localforge.backends.ollama_server:OllamaBackend", requires=("ollama",), devices=(),
-               formats=("served",), server=True),
+               formats=("served",), server=True, model_prefix="ollama:"),
 )
 
 

@@ -25,6 +25,7 @@ class EngineSpec:
     devices: tuple[str, ...] = ("cpu",)  # where it runs, best first (cuda, metal, mps, cpu)
     formats: tuple[str, ...] = ("hf", "gguf")  # the model files it loads (a GGUF converts to HF)
     server: bool = False  # talks to a server: ``auto`` takes it only when one answers
+    model_prefix: str | None = None  # a model reference with this prefix is its own (``ollama:TAG``): auto picks it
     prefers: tuple[str, ...] = ()  # accelerators on which ``auto`` picks it first
     rank: int = 50  # order among engines ``auto`` could pick alike (lower first)
     adapters: bool = False  # generation loads a LoRA adapter (mlx-lm or PEFT folder)

@@ -35,6 +35,14 @@ def test_ollama_host_is_honoured(ollama_url, monkeypatch):
         assert be.health().ok
 
 
+def test_auto_takes_an_ollama_reference_to_ollama(ollama_url, monkeypatch):
+    """``--model ollama:TAG`` (a pipeline's ``teacher: ollama:TAG``) needs no ``--backend ollama``."""
+    monkeypatch.setenv("OLLAMA_HOST", ollama_url.removeprefix("http://"))
+    with get_backend("auto", f"ollama:{ALIAS}") as be:
+        assert be.name == "ollama"
+        assert "Paris" in be.chat(MESSAGES, max_tokens=24).text
+
+
 def test_format_schema_gives_valid_json(ollama_url):
     schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
     with get_backend("ollama", ALIAS, base_url=ollama_url) as be:

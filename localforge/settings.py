@@ -170,6 +170,33 @@ def _set(data: dict, key: str, value: Any) -> None:
     node[last] = value
 
 
+def _beside(model: type[BaseModel], data: dict, beside: Path, given: set[str], prefix: str = "") -> None:
+    """Paths in ``data`` that ``model`` names in ``PATHS`` (a string or a list of them), relative and
+    there beside the config file, are read from there; so are those of the sections it names in
+    ``SECTIONS`` (a pipeline file's ``extract.schema``). A path set by a flag is the shell's."""
+    import typing
+
+    def moved(value):
+        if isinstance(value, str) and value.strip() and not Path(value).expanduser().is_absolute() \
+                and (beside / value).exists():
+            return str(beside / value)
+        return value
+
+    for field in getattr(model, "PATHS", ()):
+        if field in data and prefix + field not in given:
+            value = data[field]
+            data[field] = [moved(v) for v in value] if isinstance(value, list) else moved(value)
+    for name in getattr(model, "SECTIONS", ()):
+        section = data.get(name)
+        info = model.model_fields.get(name)
+        if not isinstance(section, dict) or info is None:
+            continue
+        sub = next((a for a in (info.annotation, *typing.get_args(info.annotation))
+                    if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if sub is not None:
+            _beside(sub, section, beside, given, f"{prefix}{name}.")
+
+
 def load_settings(model: type[M], path: str | Path | None = None, overrides: Sequence[str] = (),
                   flags: Mapping[str, tuple[str, Any]] | None = None) -> M:
     """``model`` validated from the YAML file at ``path`` (optional), then ``overrides``
@@ -182,13 +209,7 @@ def load_settings(model: type[M], path: str | Path | None = None, overrides: Seq
     for field, (_, value) in given.items():
         _set(data, field, value)
     if path is not None:
-        beside = Path(path).parent
-        for field in getattr(model, "PATHS", ()):
-            value = data.get(field)
-            if isinstance(value, str) and value.strip() and field not in given \
-                    and not Path(value).expanduser().is_absolute() \
-                    and (beside / value).exists():
-                data[field] = str(beside / value)
+        _beside(model, data, Path(path).parent, set(given))
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -205,10 +226,10 @@ class BackendChoice(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    backend: str = "auto"
-    model: str = DEFAULT_MODEL
-    base_url: str | None = None
-    api_key_env: str | None = None  # the variable holding the API key; never the key itself
+    backend: str = Field("auto", description="the engine: auto, or a name `localforge doctor` lists")
+    model: str = Field(DEFAULT_MODEL, description="a model reference: an alias, a HF folder, a .gguf, a cached repo id, ollama:TAG")
+    base_url: str | None = Field(None, description="a server backend's URL (default: the server's usual one)")
+    api_key_env: str | None = Field(None, description="the variable holding the server's API key (never the key itself)")
     timeout: float | None = Field(None, gt=0, description="seconds per server call, retries included")
     concurrency: int = Field(4, ge=1, description="requests a server runs at once")
 

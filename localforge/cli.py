@@ -13,12 +13,13 @@ import typer
 
 from localforge.commands import adapters, doctor, extract, finetune, generate, models, teach
 from localforge.commands import export as export_command
+from localforge.commands import run as run_command
 from localforge.commands import serve as serve_command
 from localforge.commands.common import HELP
 
 app = typer.Typer(
     name="localforge",
-    help="Build small, specialised LLMs on your own hardware: extract records from documents, teach (training pairs, DCR, adaptive teaching), fine-tune (SFT, GRPO), export and serve models.",
+    help="Build small, specialised LLMs on your own hardware: extract records from documents, teach (training pairs, DCR, adaptive teaching), fine-tune (SFT, GRPO), export and serve models; `run` chains them.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -33,6 +34,7 @@ app.add_typer(adapters.app, name="adapters")
 app.add_typer(export_command.app, name="export")
 app.add_typer(teach.app, name="teach")
 app.command()(serve_command.serve)
+app.add_typer(run_command.app, name="run")
 
 
 def main() -> None:

@@ -57,7 +57,7 @@ __all__ = [
     "StructuredOutputError", "Unsupported", "REGISTRY", "availability", "backend_class", "check_server_options",
     "choose",
     "describe_schema", "ensure_hf", "load_tokenizer", "forget_probes", "fuse", "generate_json", "get_backend", "installed",
-    "load", "require", "resolve_auto", "served_models", "spec", "structured_modes", "trainers",
+    "known_backend", "load", "require", "resolve_auto", "served_models", "spec", "structured_modes", "trainers",
     "EXPORT_TARGETS", "GGUF_TYPES", "converter", "install_converter", "to_gguf",
 ]
 
@@ -110,6 +110,14 @@ def check_server_options(name: str, base_url: str | None, where: str = "--base-u
     from localforge.backends.server import normalize_url
 
     normalize_url(base_url, where)
+
+
+def known_backend(cls, value: str) -> str:
+    """A pydantic field validator for a settings model's ``backend``: auto or a registered name
+    (the error then names the key, the flag or the override)."""
+    if value != "auto" and value not in REGISTRY:
+        raise ValueError(f"unknown backend {value!r}: choose one of {', '.join(['auto', *REGISTRY])}")
+    return value
 
 
 def server_url(cls, value: str | None, info) -> str | None:

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from localforge.backends import server_url
+from localforge.backends import known_backend, server_url
 from localforge.errors import UsageError
 from localforge.extract.chunking import Chunk, chunk_text
 from localforge.extract.convert import SUPPORTED, Converted, Converter, DocumentError
@@ -68,6 +68,7 @@ class ExtractSettings(BackendChoice):
         "auto", description="PDFs: native (docling's text layer), standard (its layout models, from $DOCLING_ARTIFACTS_PATH), auto (standard when they are there)")
     pdf_password: str | None = Field(None, description="opens encrypted PDFs (not part of the settings digest)")
 
+    _a_known_backend = field_validator("backend")(known_backend)
     _a_server_url = field_validator("base_url")(server_url)  # the error names the flag, override or file
 
     @model_validator(mode="after")

@@ -18,7 +18,7 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from localforge.backends import server_url
+from localforge.backends import known_backend, server_url
 from localforge.settings import BackendChoice, load_settings
 
 PROMPT_VERSION = "dcr-v1"
@@ -31,14 +31,7 @@ class Role(BackendChoice):
 
     _a_server_url = field_validator("base_url")(server_url)  # the error names the flag, override or file
 
-    @field_validator("backend")
-    @classmethod
-    def _known(cls, value: str) -> str:
-        from localforge.backends import REGISTRY
-
-        if value != "auto" and value not in REGISTRY:
-            raise ValueError(f"unknown backend {value!r}: choose one of {', '.join(['auto', *REGISTRY])}")
-        return value
+    _a_known_backend = field_validator("backend")(known_backend)
 
     def key(self) -> tuple:
         """What makes two roles the same loaded model (one backend serves both)."""

@@ -170,6 +170,15 @@ def _set(data: dict, key: str, value: Any) -> None:
     node[last] = value
 
 
+def _expand(model: type[BaseModel], data: dict) -> dict:
+    """A section given as one value where the model allows it (``SHORTHANDS``: a pipeline's
+    ``teacher: REF`` is ``teacher: {model: REF}``), so ``teacher.backend=...`` can set a key of it."""
+    for name, key in getattr(model, "SHORTHANDS", {}).items():
+        if isinstance(data.get(name), str):
+            data[name] = {key: data[name]}
+    return data
+
+
 def _beside(model: type[BaseModel], data: dict, beside: Path, given: set[str], prefix: str = "") -> None:
     """Paths in ``data`` that ``model`` names in ``PATHS`` (a string or a list of them), relative and
     there beside the config file, are read from there; so are those of the sections it names in
@@ -202,9 +211,10 @@ def load_settings(model: type[M], path: str | Path | None = None, overrides: Seq
     """``model`` validated from the YAML file at ``path`` (optional), then ``overrides``
     (``key=value``), then ``flags`` ({field: (flag, value)}; a value of None is a flag not given;
     a dotted field, ``teacher.backend``, sets a key of a section)."""
-    data = read_yaml(path) if path is not None else {}
+    data = _expand(model, read_yaml(path) if path is not None else {})
     for item in overrides:
         apply_override(data, item)
+        _expand(model, data)
     given = {field: (flag, value) for field, (flag, value) in (flags or {}).items() if value is not None}
     for field, (_, value) in given.items():
         _set(data, field, value)

@@ -262,6 +262,8 @@ def test_split_is_deterministic_and_holds_out_other_questions_on_trained_records
     (["export.to=zip"], 1, ("export", "zip")),
     (["eval.general=nothing.jsonl"], 1, ("eval.general",)),
     (["teacher.backend=nope"], 1, ("teacher.backend",)),
+    (["teacher=nowhere/nothing"], 1, ("teacher", "nowhere/nothing", "offline")),
+    (["teacher.backend=ollama", "teacher.base_url=http://127.0.0.1:9"], 1, ("teacher", "nothing answers", "127.0.0.1:9")),
     (["colour=blue"], 1, ("colour",)),
 ])
 def test_bad_input_is_one_line_before_any_folder(tmp_path, tiny_llama, monkeypatch, capsys, args, code, named):

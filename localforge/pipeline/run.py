@@ -70,10 +70,40 @@ def prepare(path: str | Path, overrides: list[str] = (), flags: dict | None = No
         raise key_error(f"finetune.{key}", what, path, overrides, flags)
     if s.export is not None and EXPORT_TARGETS[s.export.to].gguf:
         converter()
+    _servers_answer(s)
     root = s.root
     if root.exists() and not root.is_dir():
         raise ConfigError(f"output_dir {root}: is a file; give a folder for the run")
     return s, sorted(files)
+
+
+def _servers_answer(s: PipelineSettings) -> None:
+    """Each role's model is there (a local file's headers checked) and each role on a server (the
+    teacher on Ollama, LM Studio, a hosted API) answers now, so a missing model or an unreachable
+    server is one line before any folder is made rather than a failed stage."""
+    from localforge.backends import get_backend, resolve_auto, spec
+    from localforge.models import resolve
+
+    roles = {"teacher": s.extract, "generate.teacher": s.generate.teacher}
+    if s.dcr is not None:
+        roles |= {"dcr.teacher": s.dcr.teacher, "dcr.student": s.dcr.student}
+    seen = set()
+    for where, role in roles.items():
+        try:
+            name = role.backend if role.backend != "auto" else resolve_auto(role.model.split(",")[0])
+            if not spec(name).server:
+                for model in role.model.split(","):
+                    resolve(model.strip())
+        except LocalforgeError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        key = (name, role.model, role.base_url)
+        if not spec(name).server or key in seen:
+            continue
+        seen.add(key)
+        with get_backend(name, role.model, **role.backend_options()) as backend:
+            health = backend.health()
+        if not health.ok:
+            raise ConfigError(f"{where} ({name}, {role.model}): {health.detail}")
 
 
 class RunRecord:

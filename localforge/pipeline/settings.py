@@ -121,6 +121,7 @@ class PipelineSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     PATHS: ClassVar[tuple[str, ...]] = ("documents", "schema", "examples")
     SECTIONS: ClassVar[tuple[str, ...]] = ("extract", "generate", "dcr", "eval")  # nested PATHS resolved too
+    SHORTHANDS: ClassVar[dict[str, str]] = {"teacher": "model"}  # teacher: REF is teacher: {model: REF}
 
     documents: list[str] = Field(description="files or folders to extract from (read beside the pipeline file)")
     record_schema: dict | str | None = Field(None, alias="schema", description="the records' JSON Schema (file, module:Class, or inline); extract.schema overrides")

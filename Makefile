@@ -32,14 +32,12 @@ $(VENV)/.dev-installed: $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/localforge export setup
 	touch $@ $(VENV)/.demo-installed
 
+# The main job: six product sheets -> records -> pairs -> LoRA -> eval -> GGUF, in demo-out/pipeline/.
+# A second `make demo` skips every unchanged stage (and one cut short continues where it stopped).
 demo: $(VENV)/.demo-installed
 	$(BIN)/localforge doctor
-	$(BIN)/localforge generate "What is the capital of France? Answer in one sentence." --model smollm2-135m --max-tokens 64 --verbose
-	$(BIN)/localforge extract examples/radio_spec.md --fields "product:str, maker:str, detail:str" -o demo-out/records.jsonl
-	$(BIN)/localforge extract review demo-out/records.jsonl -o demo-out/review.html
-	rm -rf demo-out/finetune
-	$(BIN)/localforge finetune examples/finetune/config.yaml --backend torch output_dir=demo-out/finetune steps=12
-	$(BIN)/localforge generate "Capital of Iceland?" --model smollm2-135m --adapter demo-out/finetune/adapter --max-tokens 16
+	$(BIN)/localforge run examples/pipeline/pipeline.yaml
+	$(BIN)/localforge run trace demo-out/pipeline 1
 
 # The extraction review page is checked in a real browser (Debian's chromium): install it when missing.
 test: $(VENV)/.dev-installed
@@ -58,6 +56,7 @@ bench: $(VENV)/.dev-installed
 	$(BIN)/python benchmarks/grpo.py
 	$(BIN)/python benchmarks/planner.py
 	$(BIN)/python benchmarks/extract.py
+	$(BIN)/python benchmarks/pipeline.py
 	$(BIN)/python benchmarks/chunking.py
 	$(BIN)/python benchmarks/grounding.py
 	$(BIN)/python benchmarks/teach.py

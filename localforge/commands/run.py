@@ -25,9 +25,9 @@ def run(
 ) -> None:
     """Run the pipeline extract -> generate -> (dcr) -> dataset -> finetune -> eval -> export.
 
-    Each stage reads the previous stage's files and is skipped when its settings and its inputs are
-    unchanged; a run killed at any point continues where it stopped when run again. Exit 1 when a
-    stage failed or some of its items did (a bad document: the rest goes on).
+    Each stage reads the previous stage's files and is skipped when its settings and its inputs are unchanged; a run killed at any point continues where it stopped when run again. Exit 1 when a stage failed or some of its items did (a bad document: the rest goes on).
+
+    `localforge run trace RUN_DIR ROW` walks a training row back to its source span.
     """
     from localforge.pipeline.run import check_stage, prepare
 

@@ -14,13 +14,14 @@ pytestmark = [pytest.mark.cuda, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def vllm_backend(smol):
+def vllm_backend(request):
     if find_spec("vllm") is None:
         pytest.skip("vllm is not installed (CUDA hosts: pip install 'localforge[vllm]')")
     import torch
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU on this machine")
+    request.getfixturevalue("smol")  # the bundled model, asked for only once vLLM can run it
     from localforge.backends import get_backend
 
     with get_backend("vllm", MODEL, gpu_memory_utilization=0.3, max_model_len=2048) as be:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from localforge.errors import ConfigError
 from localforge.files import write_atomic
+from localforge.pipeline.layout import read_rows
 
 if TYPE_CHECKING:
     from localforge.pipeline.stages import Context
@@ -29,15 +30,11 @@ VARIANTS = ("base", "tuned")
 BATCH = 8  # questions per generate call
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.exists() else []
-
-
 def heldout_items(test: Path) -> list[dict]:
     """The held-out rows as questions: the conversation up to the answer, the reference answer and
     the grounded values it must state."""
     items = []
-    for n, row in enumerate(_read_jsonl(test), 1):
+    for n, row in enumerate(read_rows(test), 1):
         meta = row.get("metadata") or {}
         if "messages" in row:
             conversation, reference = row["messages"][:-1], row["messages"][-1]["content"]
@@ -53,7 +50,7 @@ def general_items(path: str | None, limit: int | None) -> list[dict]:
     if path is None:
         return []
     items = []
-    for n, row in enumerate(_read_jsonl(Path(path)), 1):
+    for n, row in enumerate(read_rows(Path(path)), 1):
         answer = row.get("answer")
         accepted = [answer] if isinstance(answer, str | int | float) else answer
         if not isinstance(row.get("question"), str) or not accepted or not isinstance(accepted, list):
@@ -139,7 +136,7 @@ def evaluate(ctx: Context) -> dict:
     from localforge.resumable import ResumableOutput
 
     L, s = ctx.layout, ctx.settings.eval
-    run_config = _json(L.run / "config.yaml")
+    run_config = _yaml(L.run / "config.yaml")
     backend, model = run_config.get("backend", ctx.settings.finetune.backend), run_config.get("model", ctx.settings.finetune.model)
     trained = finetune_output(L.run)
     items = heldout_items(L.split("test")) + general_items(s.general, s.general_limit)
@@ -181,14 +178,14 @@ def evaluate(ctx: Context) -> dict:
                     llm.close()
     finally:
         close_judge()
-    rows = _read_jsonl(L.answers)
+    rows = read_rows(L.answers)
     report = {"backend": backend, "model": model, "trained": str(trained), **figures(rows),
               "answers": str(L.answers)}
     write_atomic(L.report, json.dumps(report, indent=2) + "\n")
     return report
 
 
-def _json(path: Path) -> dict:
+def _yaml(path: Path) -> dict:
     import yaml
 
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,13 @@ class Layout:
             base = base.parent
         return {(p.relative_to(self.root) if p.is_relative_to(self.root) else p.relative_to(base)).as_posix(): p
                 for p in paths}
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a JSONL file the run wrote (blank lines skipped); none when it is not there."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def digest(path: Path) -> str | None:

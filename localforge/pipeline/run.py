@@ -27,7 +27,7 @@ from localforge.files import write_atomic
 from localforge.finetune.report import versions
 from localforge.pipeline.layout import Layout, digest
 from localforge.pipeline.settings import STAGES, PipelineSettings, load_pipeline
-from localforge.pipeline.stages import STAGE_TABLE, Context, Outcome
+from localforge.pipeline.stages import STAGE_TABLE, Context, Outcome, remove
 
 Events = Callable[..., None]
 
@@ -232,9 +232,7 @@ def _stages(ctx: Context, record: RunRecord, start: str | None, until: str | Non
             _publish(record, name, rec)
         else:
             if forced or rec.get("key") != key:
-                from localforge.pipeline.stages import _rm
-
-                _rm(*stage.clean(ctx), *(o for o in stage.outputs(ctx)))
+                remove(*stage.clean(ctx), *(o for o in stage.outputs(ctx)))
             record.stages[name] = rec = {"status": "running", "key": key, "inputs": inputs,
                                          "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             record.save()

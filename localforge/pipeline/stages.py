@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from localforge.pipeline.layout import Layout
+from localforge.pipeline.layout import Layout, read_rows
 from localforge.pipeline.settings import PipelineSettings
 
 KILL_ENV = "LOCALFORGE_PIPELINE_KILL"
@@ -49,7 +49,7 @@ class Context:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _rm(*paths: Path) -> None:
+def remove(*paths: Path) -> None:
     for p in paths:
         if p.is_dir():
             shutil.rmtree(p)
@@ -141,7 +141,7 @@ def dcr_run(ctx: Context) -> Outcome:
     from localforge.teach.dcr import run
 
     L = ctx.layout
-    rows = [json.loads(line) for line in L.pairs.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = read_rows(L.pairs)
     write_rows_atomic(L.dcr_input, [{"id": r["id"], "instruction": r["instruction"], "draft": r["completion"],
                                      "evidence": r.get("evidence") or [], "provenance": r.get("provenance") or {}}
                                     for r in rows])
@@ -203,7 +203,7 @@ def dataset_run(ctx: Context) -> Outcome:
     every = L.split("all")
     summary = export(source, every, s.min_quality, s.format, s.sign)
     ctx.point()
-    rows = [json.loads(line) for line in every.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = read_rows(every)
     if not rows:
         from localforge.errors import ConfigError
 
@@ -215,7 +215,7 @@ def dataset_run(ctx: Context) -> Outcome:
         if part:
             write_rows_atomic(L.split(name), part)
         else:
-            _rm(L.split(name))
+            remove(L.split(name))
     return Outcome({"pairs_in": summary.rows_in, "kept": summary.written, "below_quality": summary.below_quality,
                     "unscored": summary.unscored, "signed_by": summary.key_id,
                     **{name: len(part) for name, part in splits.items()}, "folder": str(L.dataset)})
@@ -302,7 +302,7 @@ def export_run(ctx: Context) -> Outcome:
     out = s.output(L.root)
     out.parent.mkdir(parents=True, exist_ok=True)
     for leftover in out.parent.glob(f".{out.name}.tmp-*"):  # an export killed part-way
-        _rm(leftover)
+        remove(leftover)
     p = plan(L.run, s.to, out, s.quant, s.name)
 
     def on_event(kind: str, **data) -> None:

@@ -3,24 +3,17 @@ source document, page and character span, every link checked by hash or id."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from localforge.errors import ConfigError
 from localforge.files import sha256_file
-from localforge.pipeline.layout import Layout
+from localforge.pipeline.layout import Layout, read_rows
 
 SPLITS = ("train", "valid", "test")
 
 
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def _find(path: Path, test) -> tuple[int, dict] | None:
-    if not path.exists():
-        return None
-    for n, row in enumerate(_rows(path), 1):
+    for n, row in enumerate(read_rows(path), 1):
         if test(row):
             return n, row
     return None
@@ -54,7 +47,7 @@ def trace(run_dir: str | Path, row: str) -> dict:
                 break
     else:
         path = layout.split(split)
-        rows = _rows(path) if path.exists() else []
+        rows = read_rows(path)
         if which > len(rows):
             raise ConfigError(f"ROW {row}: {path} has {len(rows)} rows: give a line from 1 to {len(rows)}")
         found = which, rows[which - 1]

@@ -37,6 +37,7 @@ class HardwareProfile(BaseModel):
     unified_memory: bool = False  # CPU and GPU share memory (Apple Silicon)
     mlx_device: str | None = None  # "gpu" (Metal), "cpu", or None when mlx is absent
     mps: bool = False  # torch's Metal backend
+    cpu_bf16: bool = False  # the CPU has bf16 matmul instructions (AMX-BF16, AVX512-BF16; Arm's BF16)
     accelerators: list[Accelerator] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)  # what could not be detected, and why
 
@@ -91,6 +92,21 @@ class Probe:
             return None
         return None
 
+    def cpu_flags(self) -> set[str]:
+        """The CPU's feature flags: /proc/cpuinfo's ``flags`` (x86) or ``Features`` (Arm) on Linux,
+        the ``hw.optional.arm.FEAT_*`` sysctls that are set on macOS."""
+        if self.system() == "Darwin":
+            return {"bf16"} if self.sysctl("hw.optional.arm.FEAT_BF16") == "1" else set()
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as fh:
+                for line in fh:
+                    key = line.split(":", 1)[0].strip()
+                    if key in ("flags", "Features"):
+                        return set(line.split(":", 1)[1].split())
+        except OSError:
+            return set()
+        return set()
+
     def nvidia_smi(self) -> str | None:
         """CSV rows ``name, memory MiB, compute capability`` or None when there is no tool."""
         if not shutil.which("nvidia-smi"):
@@ -138,6 +154,9 @@ def default_threads() -> int:
     import psutil
 
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16", "bf16"})  # x86 AMX, x86 AVX-512, Arm (Linux and macOS)
 
 
 def _run(cmd: list[str]) -> str | None:
@@ -206,6 +225,8 @@ def _detect(probe: Probe) -> HardwareProfile:
         else:
             notes.append("no NVIDIA GPU: nvidia-smi not found or found no device")
 
+    cpu_bf16 = bool(_safely(notes, "cpu flags", lambda: BF16_FLAGS & set(probe.cpu_flags()), set()))
+
     mlx_device = _safely(notes, "mlx", probe.mlx_device)
     if mlx_device is None:
         notes.append("mlx not installed (pip install 'localforge[mlx]')")
@@ -221,6 +242,7 @@ def _detect(probe: Probe) -> HardwareProfile:
         unified_memory=apple_silicon,
         mlx_device=mlx_device,
         mps=mps,
+        cpu_bf16=cpu_bf16,
         accelerators=accelerators,
         notes=notes,
     )
@@ -231,7 +253,7 @@ def examples() -> dict[str, HardwareProfile]:
     m3 = HardwareProfile(
         os="darwin", arch="arm64", chip="Apple M3 Max", cpu_cores=16,
         memory_bytes=128 * GiB, available_memory_bytes=110 * GiB,
-        apple_silicon=True, unified_memory=True, mlx_device="gpu", mps=True,
+        apple_silicon=True, unified_memory=True, mlx_device="gpu", mps=True, cpu_bf16=True,
         accelerators=[Accelerator(kind="metal", name="Apple M3 Max", memory_bytes=128 * GiB)],
     )
     h100 = Accelerator(kind="cuda", name="NVIDIA H100 80GB HBM3", memory_bytes=80 * GiB,
@@ -249,4 +271,9 @@ def examples() -> dict[str, HardwareProfile]:
         os="linux", arch="x86_64", chip="Intel(R) Core(TM) i7-1165G7", cpu_cores=8,
         memory_bytes=16 * GiB, available_memory_bytes=10 * GiB,
     )
-    return {"m3-max-128gb": m3, "1x-h100-80gb": one_h100, "4x-h100-80gb": cluster, "cpu-laptop-16gb": laptop}
+    xeon = HardwareProfile(
+        os="linux", arch="x86_64", chip="Intel(R) Xeon(R) Platinum 8481C", cpu_cores=8,
+        memory_bytes=32 * GiB, available_memory_bytes=28 * GiB, cpu_bf16=True,
+    )
+    return {"m3-max-128gb": m3, "1x-h100-80gb": one_h100, "4x-h100-80gb": cluster, "cpu-laptop-16gb": laptop,
+            "cpu-xeon-bf16-32gb": xeon}

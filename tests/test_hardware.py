@@ -38,6 +38,9 @@ class FakeProbe(Probe):
     def nvidia_smi(self):
         return self._get("nvidia_smi")
 
+    def cpu_flags(self):
+        return self._get("cpu_flags", set())
+
     def torch_mps(self):
         return self._get("mps")
 
@@ -115,3 +118,21 @@ def test_threads_default_to_physical_cores_and_obey_the_env(monkeypatch):
     monkeypatch.setenv("LOCALFORGE_THREADS", "two")
     with pytest.raises(ConfigError, match="LOCALFORGE_THREADS must be a whole number, got 'two'"):
         default_threads()
+
+
+def test_cpu_bf16_from_the_cpu_flags():
+    """AMX-BF16 or AVX512-BF16 on x86, BF16 on Arm: the planner trains bf16 there; other flags: not."""
+    for flags, expected in (({"avx2", "avx512f", "avx512_bf16"}, True), ({"amx_bf16", "amx_tile"}, True),
+                            ({"fp", "asimd", "bf16"}, True), ({"avx2", "avx512f"}, False), (set(), False)):
+        assert HardwareProfile.detect(FakeProbe(cpu_flags=flags)).cpu_bf16 is expected, flags
+    broken = HardwareProfile.detect(FakeProbe(cpu_flags=OSError("no /proc")))
+    assert not broken.cpu_bf16 and any(n.startswith("cpu flags") for n in broken.notes)
+
+
+def test_the_real_cpu_flags_are_read_here():
+    """On this Linux machine the flags come from /proc/cpuinfo (the same line `lscpu` reads)."""
+    from pathlib import Path
+
+    text = Path("/proc/cpuinfo").read_text()
+    line = next(ln for ln in text.splitlines() if ln.split(":", 1)[0].strip() in ("flags", "Features"))
+    assert Probe().cpu_flags() == set(line.split(":", 1)[1].split())

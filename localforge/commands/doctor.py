@@ -59,7 +59,7 @@ def report() -> dict[str, Any]:
         for a in data.pop("accelerators")
     ]
     return {
-        **{k: data[k] for k in ("os", "arch", "chip", "cpu_cores", "memory_bytes", "available_memory_bytes")},
+        **{k: data[k] for k in ("os", "arch", "chip", "cpu_cores", "cpu_bf16", "memory_bytes", "available_memory_bytes")},
         "accelerators": accelerators,
         "apple_silicon": data["apple_silicon"],
         "unified_memory": data["unified_memory"],
@@ -98,7 +98,8 @@ def render(data: dict[str, Any]) -> None:
     hw = Table(title="Hardware", show_header=False)
     hw.add_row("os / arch", f"{data['os']} / {data['arch']}")
     hw.add_row("chip", data["chip"])
-    hw.add_row("cpu cores", f"{data['cpu_cores']} ({data['threads']} engine threads)")
+    hw.add_row("cpu cores", f"{data['cpu_cores']} ({data['threads']} engine threads), bf16 instructions: "
+                            f"{'yes (torch trains bf16 autocast)' if data['cpu_bf16'] else 'no'}")
     hw.add_row("memory", f"{_gib(data['memory_bytes'])} ({_gib(data['available_memory_bytes'])} free)")
     for a in data["accelerators"]:
         extra = f", cc {a['compute_capability']}, bf16={'yes' if a['bf16'] else 'no'}" if a["kind"] == "cuda" else ""

@@ -38,6 +38,11 @@ class EngineSpec:
     # distributions a run of that method records in its manifest
     method_requires: dict[str, tuple[str, ...]] = field(default_factory=dict)
     method_packages: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # trains in bf16 autocast with fp32 trainable weights on a CPU with bf16 instructions, so
+    # ``dtype: auto`` plans bf16 there (see planner._dtype)
+    cpu_bf16: bool = False
+    # keeps packed sequences apart exactly for every model it trains, so ``packing: auto`` packs
+    exact_packing: bool = False
     grpo_reference_copy: bool = False  # GRPO's KL reference is a second copy of the weights even for LoRA
     runtime_bytes: dict[str, int] = field(default_factory=dict)  # per device: memory the runtime holds
     packages: tuple[str, ...] = ()  # distributions whose versions a run manifest records

@@ -148,6 +148,8 @@ class Trainer(Protocol):
     trainable_params: int
     total_params: int
     tokenizer: Any  # the model's tokenizer: apply_chat_template, encode, eos_token_id, pad_token_id
+    # optional: ``memory() -> dict``, the device memory the process held at most ("device", and on
+    # a GPU "peak_allocated_bytes", "peak_reserved_bytes", "nvml_used_bytes"); the manifest keeps it
 
     def step(self, step: int, micro_batches: list[Batch], lr: float, step_tokens: int) -> float:
         """Optimizer step number ``step`` (0-based) over ``micro_batches``, this process's share.

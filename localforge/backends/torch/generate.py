@@ -7,6 +7,7 @@ from typing import Any
 
 from localforge.backends.base import Backend
 from localforge.backends.hf import ensure_hf, quiet_transformers
+from localforge.backends.torch import prefer_expandable_segments
 from localforge.backends.types import (
     BackendUnavailable,
     Capabilities,
@@ -22,6 +23,8 @@ from localforge.backends.types import (
 from localforge.errors import MissingDependency
 from localforge.hardware import default_threads
 from localforge.models import resolve
+
+prefer_expandable_segments()  # torch is imported below, when a model loads
 
 
 def pick_device(requested: str | None = None) -> str:

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from localforge.backends.hf import load_tokenizer, quiet_transformers
+from localforge.backends.torch import prefer_expandable_segments
 from localforge.backends.torch.generate import pick_device, pick_dtype
 from localforge.backends.training import (
     IGNORE,
@@ -34,6 +34,10 @@ from localforge.backends.training import (
 )
 from localforge.errors import ConfigError
 from localforge.hardware import default_threads
+
+prefer_expandable_segments()  # before torch starts its CUDA allocator
+
+import torch  # noqa: E402
 
 
 class TorchTrainer:
@@ -56,7 +60,12 @@ class TorchTrainer:
         self.rank = self.accelerator.process_index if self.accelerator else 0
         _seed_everything(setup.seed)
         self.tokenizer = load_tokenizer(setup.model_path)
-        model = AutoModelForCausalLM.from_pretrained(setup.model_path, dtype=pick_dtype(str(self.device), setup.dtype))
+        # bf16 is mixed precision: matmuls in bf16 under autocast, trainable weights (LoRA's, or
+        # every weight of a full run) and their Adam states in fp32; a LoRA run's frozen base is
+        # held in bf16, since nothing updates it
+        self.autocast = setup.dtype == "bf16"
+        load_dtype = torch.float32 if self.autocast and setup.method == "full" else pick_dtype(str(self.device), setup.dtype)
+        model = AutoModelForCausalLM.from_pretrained(setup.model_path, dtype=load_dtype)
         if setup.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -98,8 +107,9 @@ class TorchTrainer:
             kwargs = {"attention_mask": torch.from_numpy(batch.attention_mask).to(self.device)}
         flat = batch.labels.reshape(-1)
         where = np.flatnonzero(flat != IGNORE)
-        return loss_module(ids, torch.from_numpy(where).to(self.device),
-                           torch.from_numpy(flat[where].astype(np.int64)).to(self.device), **kwargs)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext():
+            return loss_module(ids, torch.from_numpy(where).to(self.device),
+                               torch.from_numpy(flat[where].astype(np.int64)).to(self.device), **kwargs)
 
     def step(self, step: int, micro_batches: list[Batch], lr: float, step_tokens: int) -> float:
         for group in self.optimizer.param_groups:
@@ -132,6 +142,15 @@ class TorchTrainer:
                 tokens += batch.tokens
         self.model.train()
         return total, tokens
+
+    def memory(self) -> dict[str, Any]:
+        """What this process's device holds at most so far: on CUDA the allocator's peaks
+        (allocated by tensors, reserved from the driver) and what NVML says the process uses."""
+        if self.device.type != "cuda":
+            return {"device": self.device.type}
+        return {"device": "cuda", "peak_allocated_bytes": int(torch.cuda.max_memory_allocated(self.device)),
+                "peak_reserved_bytes": int(torch.cuda.max_memory_reserved(self.device)),
+                "nvml_used_bytes": _nvml_used(self.device.index or 0)}
 
     def _sum_over_processes(self, value) -> float:
         if self.accelerator:
@@ -248,6 +267,37 @@ class LearnedTokenLoss(torch.nn.Module):
             logits = self.model(input_ids=input_ids, use_cache=False, **kwargs).logits
             logits = logits.flatten(0, 1).index_select(0, where)
         return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def _nvml_used(index: int) -> int | None:
+    """GPU memory this process uses on device ``index`` as the driver counts it (NVML, else
+    nvidia-smi), or None where neither answers."""
+    pid = os.getpid()
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if proc.pid == pid and proc.usedGpuMemory:
+                    return int(proc.usedGpuMemory)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - no NVML, or no permission: try nvidia-smi
+        pass
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 2 and parts[0] == str(pid) and parts[1].isdigit():
+            return int(parts[1]) * 1024**2
+    return None
 
 
 def _is_tied(model, key: str) -> bool:

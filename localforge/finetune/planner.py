@@ -20,11 +20,12 @@ from pathlib import Path
 
 from localforge.backends import REGISTRY, BackendUnavailable, EngineSpec, choose, spec, trainers
 from localforge.errors import ConfigError
+from localforge.finetune.batches import bucket
 from localforge.finetune.config import FinetuneConfig
 from localforge.hardware import GiB, HardwareProfile
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-TARGET_EFFECTIVE_BATCH = 16
+BATCHES = (64, 32, 16, 8, 4, 2, 1)  # micro-batch sizes the planner tries, largest first
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class ModelShape:
     tied_embeddings: bool = True
     context: int | None = None  # max_position_embeddings
     linears: tuple[tuple[str, int, int], ...] = ()  # the blocks' linear layers: (path, in, out)
+    file_bytes: int = 0  # the weights on disk (safetensors), read whole while the model loads
+    file_dtype_bytes: int = 4  # bytes per weight on disk
 
     @property
     def head_dim(self) -> int:
@@ -81,7 +84,8 @@ class ModelShape:
                    layers=cfg["num_hidden_layers"], heads=cfg["num_attention_heads"],
                    kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
                    vocab=cfg["vocab_size"], tied_embeddings=cfg.get("tie_word_embeddings", False),
-                   context=cfg.get("max_position_embeddings"), linears=block_linears(path))
+                   context=cfg.get("max_position_embeddings"), linears=block_linears(path),
+                   **_weight_files(path))
 
 
 _IN_BLOCK = re.compile(r"^.*?\.(\d+)\.(.+)\.weight$")  # model.layers.3.self_attn.q_proj.weight
@@ -106,6 +110,25 @@ def block_linears(folder: str | Path) -> tuple[tuple[str, int, int], ...]:
     return tuple((k, i, o) for k, (i, o) in sorted(found.items()))
 
 
+SAFETENSORS_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8, "I8": 1, "U8": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _weight_files(folder: str | Path) -> dict[str, int]:
+    """The size of a HF folder's safetensors and the bytes per weight of their largest tensor's dtype."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        return {}
+    total = sum(f.stat().st_size for f in files)
+    try:
+        with open(files[0], "rb") as fh:
+            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+    except (OSError, ValueError, struct.error):
+        return {"file_bytes": total}
+    tensors = [v for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    big = max(tensors, key=lambda v: math.prod(v.get("shape") or [0]), default={})
+    return {"file_bytes": total, "file_dtype_bytes": SAFETENSORS_BYTES.get(big.get("dtype"), 4)}
+
+
 @dataclass
 class Plan:
     backend: str
@@ -119,6 +142,8 @@ class Plan:
     predicted_peak_bytes: int
     memory_budget_bytes: int
     processes: int = 1
+    packing: bool = False
+    effective_batch: int = 1  # rows (or packs) per optimizer step, over every process and micro-batch
     reasons: list[str] = field(default_factory=list)
     num_generations: int | None = None  # method grpo: completions sampled per prompt
     max_completion_length: int | None = None  # method grpo: tokens per completion, at most
@@ -154,14 +179,30 @@ def _engine(profile: HardwareProfile, cfg: FinetuneConfig, available: dict[str, 
     return engine
 
 
-def _dtype(profile: HardwareProfile, device: str, requested: str) -> str:
-    if requested != "auto":
-        return requested
+def _dtype(profile: HardwareProfile, device: str, cfg: FinetuneConfig, engine: EngineSpec,
+           reasons: list[str]) -> str:
+    if cfg.dtype != "auto":
+        return cfg.dtype
     if device == "cuda":
         return "bf16" if all(a.bf16 for a in profile.cuda_devices) else "fp16"
     if device == "metal":
         return "bf16"
-    return "fp32"  # CPU and MPS train in fp32
+    if device == "cpu" and profile.cpu_bf16 and engine.cpu_bf16 and cfg.method != "grpo":
+        # measured on a 2-core AVX512-BF16 Xeon (SmolLM2-135M LoRA): 1.8x fp32's tokens/s, and
+        # the loss over 100 steps within 1% of fp32's (benchmarks/precision.py)
+        reasons.append("bf16 autocast with fp32 trainable weights: this CPU has bf16 instructions")
+        return "bf16"
+    return "fp32"  # other CPUs, MPS, and GRPO on a CPU (TRL samples in fp32 there) train in fp32
+
+
+def _packing(cfg: FinetuneConfig, engine: EngineSpec, reasons: list[str]) -> bool:
+    if cfg.method == "grpo":
+        return False  # GRPO's rows are prompts, sampled into completions
+    if cfg.packing != "auto":
+        return bool(cfg.packing)
+    if engine.exact_packing:
+        reasons.append(f"packing: {engine.label} keeps packed sequences apart exactly (no padding to compute)")
+    return engine.exact_packing
 
 
 def _budget(profile: HardwareProfile, device: str) -> int:
@@ -181,18 +222,41 @@ def trainable_params(shape: ModelShape, method: str, rank: int, targets: list[st
     return per_layer * layers
 
 
+def load_peak(shape: ModelShape, dtype: str, method: str, runtime_bytes: int) -> int:
+    """The host memory of loading the weights: the files are read (mapped) whole, and a dtype
+    other than theirs is a second copy beside them (measured on this CPU: SmolLM2's 540 MB of fp32
+    files loaded as bf16 peak at 1.19 GiB with the runtime)."""
+    b = 4 if method == "full" else DTYPE_BYTES[dtype]
+    copy = shape.params * b if b != shape.file_dtype_bytes else 0
+    return int(runtime_bytes + max(shape.file_bytes, shape.params * shape.file_dtype_bytes) + copy)
+
+
 def predict_peak(shape: ModelShape, *, method: str, dtype: str, batch: int, seq: int, rank: int,
-                 targets: list[str], layers: int, checkpointing: bool, runtime_bytes: int) -> int:
+                 targets: list[str], layers: int, checkpointing: bool, runtime_bytes: int,
+                 host: bool = False) -> int:
+    """The peak of a training step; ``host``: the weights load into this memory too (a CPU, or
+    Apple's unified memory), so the peak is at least ``load_peak``'s."""
+    if host:
+        return max(load_peak(shape, dtype, method, runtime_bytes),
+                   predict_peak(shape, method=method, dtype=dtype, batch=batch, seq=seq, rank=rank,
+                                targets=targets, layers=layers, checkpointing=checkpointing,
+                                runtime_bytes=runtime_bytes))
     b = DTYPE_BYTES[dtype]
-    weights = shape.params * b
+    weights = shape.params * (4 if method == "full" and dtype == "bf16" else b)  # full bf16: fp32 master weights
     trainable = trainable_params(shape, method, rank, targets, layers)
-    optimizer = trainable * 4 * 3 + (trainable * 4 if dtype != "fp32" else 0)  # grads, Adam m and v, fp32 master
+    # grads, Adam m and v in fp32; a full bf16 run also keeps autocast's bf16 copy of the weights
+    optimizer = trainable * 4 * 3 + (trainable * 2 if method == "full" and dtype == "bf16" else 0)
     tokens = batch * seq
     # kept per token and layer for backward: layer inputs, q/k/v and the rotary copies of q and
     # k, attention output, MLP in/out and its gate/up/activation. The engines use fused
     # attention (SDPA, mx.fast), which keeps no seq x seq probabilities (measured on this CPU:
     # 1.89 MB per token for SmolLM2 fp32 LoRA against 1.88 predicted)
     per_token_layer = (7 * shape.hidden + 3 * shape.kv_dim + 4 * shape.intermediate) * b
+    if b < 4:
+        # RMSNorm computes in fp32 whatever the dtype and keeps fp32 copies of its input for
+        # backward (measured on this CPU, bf16 autocast: 1.46 MB per token for SmolLM2 LoRA
+        # against 1.23 predicted without them, 1.51 with)
+        per_token_layer += 4 * shape.hidden * 4
     if checkpointing:
         activations = tokens * shape.layers * shape.hidden * b + tokens * per_token_layer
     else:
@@ -236,16 +300,19 @@ def _grpo_sizes(device: str, cfg: FinetuneConfig, reasons: list[str]) -> tuple[i
 
 
 def plan(profile: HardwareProfile, shape: ModelShape, cfg: FinetuneConfig,
-         available: dict[str, bool] | None = None) -> Plan:
+         available: dict[str, bool] | None = None, longest: int | None = None) -> Plan:
     """Choose everything ``auto`` in ``cfg`` for ``profile``; explain each choice in ``reasons``.
 
     ``available`` maps backend names to whether they are installed (default: every engine that
-    trains, for planning machines we do not have).
+    trains, for planning machines we do not have). ``longest``: the longest training row in
+    tokens, when the data has been read; unpacked batches are at most that wide, so the
+    predicted peak is of that width instead of ``max_seq_length``.
     """
     reasons: list[str] = []
     engine = _engine(profile, cfg, available, reasons)
     device = _device(profile, engine)
-    dtype = _dtype(profile, device, cfg.dtype)
+    dtype = _dtype(profile, device, cfg, engine, reasons)
+    packing = _packing(cfg, engine, reasons)
     processes = cfg.num_processes
     if processes == "auto":
         several = device == "cuda" and engine.multi_process and cfg.method != "grpo"  # GRPO: one process
@@ -270,7 +337,13 @@ def plan(profile: HardwareProfile, shape: ModelShape, cfg: FinetuneConfig,
     budget = _budget(profile, device)
     if device != "cuda":
         budget //= processes  # processes on one CPU or Apple GPU share its memory
-    cap = 32 if device == "cuda" else 16 if device == "metal" else 4
+    cap = 64 if device == "cuda" else 16 if device == "metal" else 4
+    # the same rows per optimizer step on every machine: a config trains alike on a laptop and a cluster
+    target = cfg.effective_batch if cfg.method != "grpo" else 4 if device == "cpu" else 8  # grpo: prompts
+    cap = max(1, min(cap, target // processes))
+    seq = cfg.max_seq_length
+    if longest is not None and not packing:
+        seq = min(seq, bucket(longest, seq))  # an unpacked batch is as wide as its longest row's bucket
 
     generations = completion = None
     if cfg.method == "grpo":
@@ -284,11 +357,11 @@ def plan(profile: HardwareProfile, shape: ModelShape, cfg: FinetuneConfig,
                                      rank=int(rank), targets=cfg.lora.targets, layers=layers, checkpointing=ckpt,
                                      runtime_bytes=engine.runtime_bytes.get(device, 0), beta=cfg.grpo.beta,
                                      reference_copy=engine.grpo_reference_copy)
-        return predict_peak(shape, method=cfg.method, dtype=dtype, batch=batch, seq=cfg.max_seq_length,
+        return predict_peak(shape, method=cfg.method, dtype=dtype, batch=batch, seq=seq,
                             rank=int(rank), targets=cfg.lora.targets, layers=layers, checkpointing=ckpt,
-                            runtime_bytes=engine.runtime_bytes.get(device, 0))
+                            runtime_bytes=engine.runtime_bytes.get(device, 0), host=device != "cuda")
 
-    candidates = [b for b in (32, 16, 8, 4, 2, 1) if b <= cap]
+    candidates = [b for b in BATCHES if b <= cap]
     ckpt_options = [cfg.gradient_checkpointing] if isinstance(cfg.gradient_checkpointing, bool) else [False, True]
     batch, ckpt = None, ckpt_options[0]
     if cfg.batch_size != "auto":
@@ -309,14 +382,15 @@ def plan(profile: HardwareProfile, shape: ModelShape, cfg: FinetuneConfig,
         reasons.append("gradient checkpointing on: activations would not fit otherwise")
     accum = cfg.grad_accum
     if accum == "auto":
-        target = TARGET_EFFECTIVE_BATCH if cfg.method != "grpo" else 4 if device == "cpu" else 8  # prompts
         accum = max(1, math.ceil(target / (batch * processes)))
-        reasons.append(f"accumulation {accum}: effective batch {batch * processes * accum}")
+        reasons.append(f"accumulation {accum}: effective batch {batch * processes * accum}"
+                       + (f" (effective_batch {target})" if batch * processes * accum != target else ""))
     return Plan(backend=engine.name, device=device, dtype=dtype, batch_size=batch, grad_accum=int(accum),
                 lora_rank=None if cfg.weights == "full" else int(rank),
                 lora_layers=None if cfg.weights == "full" else layers,
                 gradient_checkpointing=ckpt, predicted_peak_bytes=peak(batch, ckpt),
-                memory_budget_bytes=budget, processes=processes, reasons=reasons,
+                memory_budget_bytes=budget, processes=processes, packing=packing,
+                effective_batch=batch * processes * int(accum), reasons=reasons,
                 num_generations=generations, max_completion_length=completion)
 
 

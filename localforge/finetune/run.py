@@ -183,17 +183,18 @@ def prepare(config_path: str | Path | None, overrides: list[str] = (), flags: di
     shape = ModelShape.from_hf_config(model_path)
     for key, what in model_problems(cfg, shape):
         raise key_error(key, what, config_path, overrides, flags)
-    p = plan(HardwareProfile.detect(), shape, cfg, installed(trainers()))
+    longest = None
+    if cfg.method == "grpo":
+        _check_prompts(cfg, data, model_path)
+    else:
+        longest = _check_rows(cfg, data, model_path)
+    p = plan(HardwareProfile.detect(), shape, cfg, installed(trainers()), longest=longest)
     _method_installed(p.backend, cfg.method, config_path, overrides, flags)
     too_big = over_budget(p, cfg)
     if too_big and not force:
         raise key_error(*too_big, config_path, overrides, flags)
     if too_big:
         p.reasons.append("forced: the predicted peak exceeds the memory budget; expect swapping or out-of-memory")
-    if cfg.method == "grpo":
-        _check_prompts(cfg, data, model_path)
-    else:
-        _check_rows(cfg, data, model_path)
     return Prepared(cfg, data, model_path, shape, p)
 
 
@@ -244,26 +245,32 @@ def _check_prompts(cfg: FinetuneConfig, data, model_path: str) -> None:
                                   f"grpo.max_prompt_length {limit}: raise it or shorten the prompt")
 
 
-def _check_rows(cfg: FinetuneConfig, data, model_path: str) -> None:
+def _check_rows(cfg: FinetuneConfig, data, model_path: str) -> int | None:
     """Every row, through the model's own tokenizer (the one each engine trains with), keeps
-    something to learn within max_seq_length: found in --dry-run, not at the first step."""
+    something to learn within max_seq_length: found in --dry-run, not at the first step. Returns
+    the longest training row in tokens (what the planner sizes unpacked batches by), or None
+    where the tokenizer cannot be read here."""
     from importlib.util import find_spec
 
     from localforge.backends import load_tokenizer
     from localforge.finetune.batches import encode_all
 
     if find_spec("transformers") is None:  # the engine's trainer checks the same when it starts
-        return
+        return None
     tokenizer = load_tokenizer(model_path)
+    longest = None
     for split, rows in data.splits.items():
-        encode_all(tokenizer, rows, cfg.mask_prompt, cfg.max_seq_length, where=data.files[split])
+        seqs = encode_all(tokenizer, rows, cfg.mask_prompt, cfg.max_seq_length, where=data.files[split])
+        if split == "train":
+            longest = max(len(s) for s in seqs)
+    return longest
 
 
 def _as_run(cfg: FinetuneConfig, p: Plan) -> dict:
     """The config with every ``auto`` replaced by what the plan chose."""
     out = cfg.model_dump()
     out.update(backend=p.backend, batch_size=p.batch_size, grad_accum=p.grad_accum, dtype=p.dtype,
-               gradient_checkpointing=p.gradient_checkpointing, num_processes=p.processes)
+               gradient_checkpointing=p.gradient_checkpointing, num_processes=p.processes, packing=p.packing)
     if p.lora_rank is not None:
         out["lora"].update(rank=p.lora_rank, layers=p.lora_layers)
     if cfg.method == "grpo":
@@ -378,13 +385,13 @@ def _tokenized(cfg: FinetuneConfig, tokenizer) -> _Data:
         return _Data(sched, cfg.steps or sched.steps_for_epochs(cfg.epochs), None)
     data = load_data(cfg.data)
     seqs = encode_all(tokenizer, data.splits["train"], cfg.mask_prompt, cfg.max_seq_length, where=data.files["train"])
-    sched = Schedule(as_rows(seqs, cfg.packing, cfg.max_seq_length, cfg.seed), int(cfg.batch_size),
-                     int(cfg.grad_accum), int(cfg.num_processes), cfg.seed, pad)
+    sched = Schedule(as_rows(seqs, cfg.packing is True, cfg.max_seq_length, cfg.seed), int(cfg.batch_size),
+                     int(cfg.grad_accum), int(cfg.num_processes), cfg.seed, pad, cfg.max_seq_length)
     valid = None
     if "valid" in data.splits:
         vseqs = encode_all(tokenizer, data.splits["valid"], cfg.mask_prompt, cfg.max_seq_length,
                            where=data.files["valid"])
-        valid = eval_batches(vseqs, int(cfg.batch_size), pad, cfg.eval_batches)
+        valid = eval_batches(vseqs, int(cfg.batch_size), pad, cfg.eval_batches, cfg.max_seq_length)
     return _Data(sched, cfg.steps or sched.steps_for_epochs(cfg.epochs), valid)
 
 
@@ -638,6 +645,13 @@ def _manifest(run: RunDir, cfg: FinetuneConfig, info: dict, trainer: Trainer, pa
                    tokens_per_second=round(tokens / train_seconds, 2) if train_seconds else None,
                    peak_rss_bytes=peak_rss_bytes(), trainable_params=trainer.trainable_params,
                    total_params=trainer.total_params)
+    # what the process held next to what the planner predicted (on CUDA: the allocator's peaks
+    # and NVML's count; elsewhere the host's peak RSS is the device's memory)
+    device = getattr(trainer, "memory", lambda: {})()
+    metrics["memory"] = {"device": device.get("device", info["plan"].get("device")),
+                         "predicted_peak_bytes": info["plan"].get("predicted_peak_bytes"),
+                         "host_peak_rss_bytes": metrics["peak_rss_bytes"],
+                         **{k: v for k, v in device.items() if k != "device"}}
     return {
         "status": status,
         "run_dir": str(run.path.resolve()),

@@ -117,3 +117,16 @@ def test_learning_rate_schedules():
     assert lrs[:3] == [0.5, 1.0, 1.0] and lrs[-1] < 0.05 and np.all(np.diff(lrs[2:]) <= 0)
     assert lr_at(6, 10, cfg.model_copy(update={"lr_schedule": "linear"})) == pytest.approx(0.5)
     assert lr_at(9, 10, cfg.model_copy(update={"lr_schedule": "constant"})) == 1.0
+
+
+def test_batch_widths_come_from_a_small_fixed_set():
+    from localforge.finetune.batches import BUCKETS, bucket
+
+    for max_len in (16, 100, 256, 512, 2048, 4096):
+        widths = {bucket(n, max_len) for n in range(1, max_len + 1)}
+        assert len(widths) <= BUCKETS and max(widths) == max_len, max_len
+        assert all(bucket(n, max_len) >= n for n in range(1, max_len + 1))
+    assert bucket(70, 512) == 128 and bucket(513, 512) == 513  # an uncut row is never narrowed
+    enc = [Encoded(list(range(n)), [True] * n) for n in (30, 70)]
+    assert collate([[e] for e in enc], 0, max_len=512).input_ids.shape == (2, 128)
+    assert collate([[e] for e in enc], 0).input_ids.shape == (2, 72)  # no max_len: multiples of 8

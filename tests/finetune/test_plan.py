@@ -83,17 +83,63 @@ def test_data_formats_and_bad_rows(project, tmp_path):
         load_data(tmp_path)
 
 
-@pytest.mark.parametrize("machine, backend, device, dtype, batch, processes", [
-    ("m3-max-128gb", "mlx", "metal", "bf16", 16, 1),
-    ("1x-h100-80gb", "torch", "cuda", "bf16", 32, 1),
-    ("4x-h100-80gb", "torch", "cuda", "bf16", 32, 4),
-    ("cpu-laptop-16gb", "torch", "cpu", "fp32", 4, 1),
+@pytest.mark.parametrize("machine, backend, device, dtype, batch, processes, packing", [
+    ("m3-max-128gb", "mlx", "metal", "bf16", 16, 1, False),
+    ("1x-h100-80gb", "torch", "cuda", "bf16", 16, 1, True),
+    ("4x-h100-80gb", "torch", "cuda", "bf16", 4, 4, True),
+    ("cpu-laptop-16gb", "torch", "cpu", "fp32", 4, 1, True),
+    ("cpu-xeon-bf16-32gb", "torch", "cpu", "bf16", 4, 1, True),
 ])
-def test_plans_for_machines_we_do_not_have(project, machine, backend, device, dtype, batch, processes):
+def test_plans_for_machines_we_do_not_have(project, machine, backend, device, dtype, batch, processes, packing):
     p = plan(examples()[machine], SMOL, load_config(project / "config.yaml"))
-    assert (p.backend, p.device, p.dtype, p.batch_size, p.processes) == (backend, device, dtype, batch, processes)
-    assert p.batch_size * p.grad_accum * p.processes >= 16 and not p.gradient_checkpointing
+    assert (p.backend, p.device, p.dtype, p.batch_size, p.processes, p.packing) == \
+        (backend, device, dtype, batch, processes, packing)
+    # the same rows per optimizer step on every machine
+    assert p.batch_size * p.grad_accum * p.processes == p.effective_batch == 16 and not p.gradient_checkpointing
     assert p.predicted_peak_bytes <= p.memory_budget_bytes
+
+
+def test_effective_batch_is_the_configs_everywhere(project):
+    for machine in examples():
+        p = plan(examples()[machine], SMOL, load_config(project / "config.yaml", ["effective_batch=64"]))
+        assert p.effective_batch == 64, machine
+    h100 = plan(examples()["1x-h100-80gb"], SMOL, load_config(project / "config.yaml", ["effective_batch=64"]))
+    assert (h100.batch_size, h100.grad_accum) == (64, 1)
+    # an explicit batch larger than effective_batch: one micro-batch a step, and the plan says so
+    big = plan(examples()["1x-h100-80gb"], SMOL, load_config(project / "config.yaml", ["batch_size=32"]))
+    assert (big.batch_size, big.grad_accum, big.effective_batch) == (32, 1, 32)
+    assert any("effective_batch 16" in r for r in big.reasons)
+
+
+def test_bf16_on_a_cpu_only_where_it_has_the_instructions_and_not_for_grpo(project):
+    xeon, laptop = examples()["cpu-xeon-bf16-32gb"], examples()["cpu-laptop-16gb"]
+    assert plan(xeon, SMOL, load_config(project / "config.yaml")).dtype == "bf16"
+    assert any("bf16 instructions" in r for r in plan(xeon, SMOL, load_config(project / "config.yaml")).reasons)
+    assert plan(laptop, SMOL, load_config(project / "config.yaml")).dtype == "fp32"
+    assert plan(xeon, SMOL, load_config(project / "config.yaml", ["method=grpo"])).dtype == "fp32"
+    assert plan(xeon, SMOL, load_config(project / "config.yaml", ["dtype=fp32"])).dtype == "fp32"
+    # mlx on a CPU keeps fp32 (no autocast there)
+    assert plan(xeon, SMOL, load_config(project / "config.yaml", ["backend=mlx"])).dtype == "fp32"
+
+
+def test_packing_auto_packs_where_the_engine_keeps_sequences_apart(project):
+    laptop = examples()["cpu-laptop-16gb"]
+    assert plan(laptop, SMOL, load_config(project / "config.yaml")).packing is True  # torch
+    assert plan(laptop, SMOL, load_config(project / "config.yaml", ["backend=mlx"])).packing is False
+    assert plan(laptop, SMOL, load_config(project / "config.yaml", ["backend=mlx", "packing=true"])).packing is True
+    assert plan(laptop, SMOL, load_config(project / "config.yaml", ["packing=false"])).packing is False
+
+
+def test_unpacked_batches_are_sized_by_the_longest_row(project):
+    h100 = examples()["1x-h100-80gb"]
+    cfg = load_config(project / "config.yaml", ["packing=false", "max_seq_length=2048"])
+    unknown = plan(h100, SMOL, cfg)
+    short = plan(h100, SMOL, cfg, longest=200)
+    assert short.predicted_peak_bytes < unknown.predicted_peak_bytes / 4
+    assert plan(h100, SMOL, cfg, longest=5000).predicted_peak_bytes == unknown.predicted_peak_bytes
+    # packed rows fill max_seq_length whatever the longest row
+    packed = load_config(project / "config.yaml", ["packing=true", "max_seq_length=2048"])
+    assert plan(h100, SMOL, packed, longest=200).predicted_peak_bytes == plan(h100, SMOL, packed).predicted_peak_bytes
 
 
 def test_a_70b_model_needs_checkpointing_and_says_when_it_cannot_fit(project):

@@ -55,6 +55,7 @@ bench: $(VENV)/.dev-installed
 	$(BIN)/python benchmarks/finetune.py
 	$(BIN)/python benchmarks/grpo.py
 	$(BIN)/python benchmarks/planner.py
+	$(BIN)/python benchmarks/precision.py
 	$(BIN)/python benchmarks/extract.py
 	$(BIN)/python benchmarks/pipeline.py
 	$(BIN)/python benchmarks/chunking.py

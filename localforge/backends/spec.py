@@ -43,6 +43,9 @@ class EngineSpec:
     cpu_bf16: bool = False
     # keeps packed sequences apart exactly for every model it trains, so ``packing: auto`` packs
     exact_packing: bool = False
+    # takes the loss over the output head in chunks of ``training.chunk_rows`` tokens, so no step
+    # holds the logits of more (the planner counts one chunk's)
+    chunked_loss: bool = False
     grpo_reference_copy: bool = False  # GRPO's KL reference is a second copy of the weights even for LoRA
     runtime_bytes: dict[str, int] = field(default_factory=dict)  # per device: memory the runtime holds
     packages: tuple[str, ...] = ()  # distributions whose versions a run manifest records

@@ -34,6 +34,14 @@ IGNORE = -100
 # learned tokens only: the vocabulary projection is the largest matmul of a small model (49k x
 # 576 for SmolLM2) and its fp32 logits the largest activation, and prompts and padding need neither.
 PLAIN_HEADS = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3"})
+# an engine whose spec says ``chunked_loss`` takes those logits this many at a time (a chunk of
+# rows of the head), with the loss's gradients, so no step holds more of them
+CHUNK_LOGITS = 1 << 24
+
+
+def chunk_rows(vocab: int) -> int:
+    """Learned tokens per chunk of a chunked loss: about ``CHUNK_LOGITS`` logits (64 MB in fp32)."""
+    return max(64, CHUNK_LOGITS // vocab)
 
 
 

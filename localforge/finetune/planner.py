@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from localforge.backends import REGISTRY, BackendUnavailable, EngineSpec, choose, spec, trainers
+from localforge.backends.training import chunk_rows
 from localforge.errors import ConfigError
 from localforge.finetune.batches import bucket
 from localforge.finetune.config import FinetuneConfig
@@ -233,14 +234,15 @@ def load_peak(shape: ModelShape, dtype: str, method: str, runtime_bytes: int) ->
 
 def predict_peak(shape: ModelShape, *, method: str, dtype: str, batch: int, seq: int, rank: int,
                  targets: list[str], layers: int, checkpointing: bool, runtime_bytes: int,
-                 host: bool = False) -> int:
+                 host: bool = False, chunked_loss: bool = False) -> int:
     """The peak of a training step; ``host``: the weights load into this memory too (a CPU, or
-    Apple's unified memory), so the peak is at least ``load_peak``'s."""
+    Apple's unified memory), so the peak is at least ``load_peak``'s; ``chunked_loss``: the
+    engine holds one chunk of logits at a time (``training.chunk_rows``)."""
     if host:
         return max(load_peak(shape, dtype, method, runtime_bytes),
                    predict_peak(shape, method=method, dtype=dtype, batch=batch, seq=seq, rank=rank,
                                 targets=targets, layers=layers, checkpointing=checkpointing,
-                                runtime_bytes=runtime_bytes))
+                                runtime_bytes=runtime_bytes, chunked_loss=chunked_loss))
     b = DTYPE_BYTES[dtype]
     weights = shape.params * (4 if method == "full" and dtype == "bf16" else b)  # full bf16: fp32 master weights
     trainable = trainable_params(shape, method, rank, targets, layers)
@@ -261,7 +263,10 @@ def predict_peak(shape: ModelShape, *, method: str, dtype: str, batch: int, seq:
         activations = tokens * shape.layers * shape.hidden * b + tokens * per_token_layer
     else:
         activations = tokens * shape.layers * per_token_layer
-    logits = tokens * shape.vocab * 4 * 3  # logits, log-softmax and their gradient, in fp32
+    # logits, log-softmax and their gradient, in fp32; a chunked loss holds one chunk's, and the
+    # hidden states' gradient it computes on the way
+    logits = (min(tokens, chunk_rows(shape.vocab)) * shape.vocab * 4 * 3 + tokens * shape.hidden * b
+              if chunked_loss else tokens * shape.vocab * 4 * 3)
     return int(weights + optimizer + activations + logits + runtime_bytes)
 
 
@@ -359,7 +364,8 @@ def plan(profile: HardwareProfile, shape: ModelShape, cfg: FinetuneConfig,
                                      reference_copy=engine.grpo_reference_copy)
         return predict_peak(shape, method=cfg.method, dtype=dtype, batch=batch, seq=seq,
                             rank=int(rank), targets=cfg.lora.targets, layers=layers, checkpointing=ckpt,
-                            runtime_bytes=engine.runtime_bytes.get(device, 0), host=device != "cuda")
+                            runtime_bytes=engine.runtime_bytes.get(device, 0), host=device != "cuda",
+                            chunked_loss=engine.chunked_loss)
 
     candidates = [b for b in BATCHES if b <= cap]
     ckpt_options = [cfg.gradient_checkpointing] if isinstance(cfg.gradient_checkpointing, bool) else [False, True]

@@ -84,3 +84,60 @@ def test_resume_from_saved_state_continues_exactly(tiny_llama, seqs, tmp_path):
     second = trainer(tiny_llama, dropout=0.1, seed=123)  # a different seed: state must come from disk
     second.load(tmp_path)
     assert run(second, range(2, 4)) == pytest.approx(straight[2:], rel=1e-6)
+
+
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_the_chunked_loss_is_torchs_cross_entropy_with_its_gradients(monkeypatch, head_trains):
+    """Loss and gradients of ChunkedLinearCrossEntropy against cross_entropy over the whole logits,
+    in fp64 over several chunks (exact up to summation order), and under CPU bf16 autocast."""
+    import torch
+
+    from localforge.backends import training
+    from localforge.backends.torch.train import ChunkedLinearCrossEntropy
+
+    monkeypatch.setattr(training, "CHUNK_LOGITS", 64 * 100)  # 64 rows a chunk: 5 chunks of 300 rows
+    gen = torch.Generator().manual_seed(0)
+    h0, w0 = torch.randn(300, 32, generator=gen, dtype=torch.float64), torch.randn(100, 32, generator=gen,
+                                                                                      dtype=torch.float64)
+    y = torch.randint(0, 100, (300,), generator=gen)
+
+    def grads(fn, dtype, autocast=False):
+        h, w = h0.to(dtype).clone().requires_grad_(), w0.to(dtype).clone().requires_grad_(head_trains)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = fn(h, w)
+        (loss * 3).backward()
+        return float(loss), h.grad, w.grad
+
+    def reference(h, w):
+        return torch.nn.functional.cross_entropy((h @ w.t()).float(), y, reduction="sum")
+
+    loss, gh, gw = grads(lambda h, w: ChunkedLinearCrossEntropy.apply(h, w, y), torch.float64)
+    ref, rh, rw = grads(reference, torch.float64)
+    assert loss == pytest.approx(ref, rel=1e-6)
+    assert torch.allclose(gh, rh, atol=1e-5) and (gw is None) == (not head_trains)
+    if head_trains:
+        assert torch.allclose(gw, rw, atol=1e-4)
+    loss, gh, _ = grads(lambda h, w: ChunkedLinearCrossEntropy.apply(h, w, y), torch.float32, autocast=True)
+    ref, rh, _ = grads(reference, torch.float32, autocast=True)
+    assert loss == pytest.approx(ref, rel=2e-3) and gh.dtype == torch.float32
+    assert (gh - rh).abs().max() <= 0.02 * rh.abs().max()
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_bf16_is_autocast_over_fp32_trainable_weights(tiny_llama, seqs, method):
+    """bf16 on a CPU: the weights that train (and so their Adam states) stay fp32, a LoRA run's
+    frozen base is bf16, and the loss is fp32's within bf16 rounding."""
+    import torch
+
+    tok, enc = seqs
+    batch = collate(as_rows(enc[:4], packing=False, max_len=128, seed=0), tok.pad_token_id)
+    half, full = trainer(tiny_llama, dtype="bf16", method=method), trainer(tiny_llama, dtype="fp32", method=method)
+    assert half.autocast and {p.dtype for p in half.params} == {torch.float32}
+    frozen = {p.dtype for p in half.model.parameters() if not p.requires_grad}
+    assert frozen == ({torch.bfloat16} if method == "lora" else set())
+    (h_loss, tokens), (f_loss, _) = half.eval_loss([batch]), full.eval_loss([batch])
+    assert h_loss / tokens == pytest.approx(f_loss / tokens, rel=2e-2) and h_loss != f_loss
+    before = half.eval_loss([batch])[0]
+    for step in range(3):
+        half.step(step, [batch], 1e-2 if method == "lora" else 1e-3, batch.tokens)
+    assert half.eval_loss([batch])[0] < before

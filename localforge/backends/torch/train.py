@@ -30,6 +30,7 @@ from localforge.backends.training import (
     CorruptCheckpoint,
     PromptBatch,
     TrainSetup,
+    chunk_rows,
     read_checkpoint_file,
 )
 from localforge.errors import ConfigError
@@ -262,11 +263,52 @@ class LearnedTokenLoss(torch.nn.Module):
         if self.plain:
             base = self._base()
             hidden = base.get_decoder()(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
-            logits = base.get_output_embeddings()(hidden.flatten(0, 1).index_select(0, where))
+            hidden = hidden.flatten(0, 1).index_select(0, where)
+            head = base.get_output_embeddings()
+            if type(head) is torch.nn.Linear and head.bias is None:  # not wrapped by an adapter
+                return ChunkedLinearCrossEntropy.apply(hidden, head.weight, targets)
+            logits = head(hidden)
         else:
             logits = self.model(input_ids=input_ids, use_cache=False, **kwargs).logits
             logits = logits.flatten(0, 1).index_select(0, where)
         return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """``cross_entropy(hidden @ weight.T, targets, reduction="sum")`` without the whole logits:
+    the rows go through the head ``chunk_rows(vocab)`` at a time, and each chunk's gradients
+    (softmax minus one-hot, times the head or the hidden states) are taken right there, so the
+    backward pass only scales them. Memory: one chunk's fp32 logits instead of every learned
+    token's (8192 tokens x 49k vocabulary x 12 bytes = 4.8 GB for SmolLM2 at batch 64 x 128),
+    with no matmul recomputed. Under autocast the head's matmuls run in its dtype, the softmax in
+    fp32. The head's gradient is taken only when it trains (a full run; tied embeddings get it
+    through autograd)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets):
+        rows = chunk_rows(weight.shape[0])
+        want_w = weight.requires_grad
+        grad_h = torch.empty_like(hidden)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], rows):
+            h, t = hidden[start:start + rows], targets[start:start + rows]
+            logits = torch.matmul(h, weight.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            grad = torch.softmax(logits, dim=-1)  # d loss / d logits = softmax - onehot
+            grad[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+            grad_h[start:start + rows] = torch.matmul(grad.to(weight.dtype), weight).to(hidden.dtype)
+            if want_w:
+                grad_w += torch.matmul(grad.t(), h.float())
+        ctx.save_for_backward(grad_h, grad_w if want_w else torch.empty(0))
+        ctx.want_w, ctx.w_dtype = want_w, weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out.to(grad_h.dtype), (grad_w * grad_out).to(ctx.w_dtype) if ctx.want_w else None, None
 
 
 def _nvml_used(index: int) -> int | None:

@@ -162,6 +162,13 @@ def test_a_short_real_run_on_the_bundled_model(project, backend):
     assert manifest["status"] == "completed" and manifest["metrics"]["total_params"] > 130e6
     assert 0 < manifest["metrics"]["final_train_loss"] < 8  # a trained model, not a random one (10.8)
     assert manifest["adapter"]["format"] == {"torch": "peft", "mlx": "mlx"}[backend]
+    memory = manifest["metrics"]["memory"]  # what the process held, beside the planner's prediction
+    assert memory["predicted_peak_bytes"] == manifest["plan"]["predicted_peak_bytes"]
+    assert memory["host_peak_rss_bytes"] == manifest["metrics"]["peak_rss_bytes"] and memory["device"] == "cpu"
+    if backend == "torch":  # one small batch: the peak is loading the weights, which the planner counts
+        assert 0.7 < memory["host_peak_rss_bytes"] / memory["predicted_peak_bytes"] < 1.3, memory
+    else:
+        assert memory["peak_allocated_bytes"] > 100e6  # MLX's own count: the weights at least
 
 
 @pytest.mark.parametrize("trained_on, used_on", [("mlx", "torch"), ("torch", "mlx")])

@@ -217,6 +217,15 @@ class MLXTrainer:
         finally:
             self.model.train()
 
+    def memory(self) -> dict[str, Any]:
+        """MLX's own count of the memory its arrays held at most (on Metal: the GPU's, which shares
+        the machine's memory), and what its buffer cache holds now."""
+        import mlx.core as mx
+
+        device = "metal" if mx.default_device() == mx.gpu else "cpu"
+        return {"device": device, "peak_allocated_bytes": int(mx.get_peak_memory()),
+                "cache_bytes": int(mx.get_cache_memory())}
+
     def export(self, out: Path) -> dict[str, Any]:
         """The adapter in mlx-lm's format; for a full run a model folder (weights, config,
         tokenizer) that ``--model`` loads on any engine."""

@@ -189,8 +189,8 @@ def _dtype(profile: HardwareProfile, device: str, cfg: FinetuneConfig, engine: E
     if device == "metal":
         return "bf16"
     if device == "cpu" and profile.cpu_bf16 and engine.cpu_bf16 and cfg.method != "grpo":
-        # measured on a 2-core AVX512-BF16 Xeon (SmolLM2-135M LoRA): 1.8x fp32's tokens/s, and
-        # the loss over 100 steps within 1% of fp32's (benchmarks/precision.py)
+        # measured on a 2-core AVX512-BF16 EPYC (SmolLM2-135M LoRA): 2.38x fp32's tokens/s, and
+        # the loss within 0.3% of fp32's at every one of 100 steps (benchmarks/precision.py)
         reasons.append("bf16 autocast with fp32 trainable weights: this CPU has bf16 instructions")
         return "bf16"
     return "fp32"  # other CPUs, MPS, and GRPO on a CPU (TRL samples in fp32 there) train in fp32

@@ -28,9 +28,19 @@ def versions(packages: tuple[str, ...] = ()) -> dict[str, str | None]:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far."""
+    """This process's peak resident memory so far. On Linux the high-water mark of its own
+    memory map (``VmHWM``): ``ru_maxrss`` keeps the peak of the process it was started from
+    across fork and exec, so a run started by a large process (a test session, a pipeline holding
+    a teacher) would report that process's memory as its own."""
     import resource
 
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
 

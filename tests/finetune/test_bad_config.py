@@ -138,20 +138,21 @@ def test_the_installed_command_says_the_same(project):
 
 
 def test_over_the_budget_is_refused_unless_forced(project, monkeypatch, capsys):
-    code, _, err = cli(monkeypatch, capsys, "finetune", "config.yaml", "--dry-run", "batch_size=20000")
-    assert_one_line(code, err, 1, "batch_size 20000", "max_seq_length 128", "--force", "GiB memory budget")
+    # 200000 packed rows of 128 tokens: about 160 GB of activations for the tiny Llama, over any budget
+    code, _, err = cli(monkeypatch, capsys, "finetune", "config.yaml", "--dry-run", "batch_size=200000")
+    assert_one_line(code, err, 1, "batch_size 200000", "max_seq_length 128", "--force", "GiB memory budget")
     code, out, err = cli(monkeypatch, capsys, "finetune", "config.yaml", "--dry-run", "--json", "--force",
-                         "batch_size=20000")
+                         "batch_size=200000")
     assert code == 0, err
     p = json.loads(out)
-    assert p["batch_size"] == 20000 and p["predicted_peak_bytes"] > p["memory_budget_bytes"]
+    assert p["batch_size"] == 200000 and p["predicted_peak_bytes"] > p["memory_budget_bytes"]
     assert any("forced" in r for r in p["reasons"])
     from localforge.finetune.run import start
 
     with pytest.raises(ConfigError, match="pass --force"):
-        start("config.yaml", ["batch_size=20000"])
-    run, prepared = start("config.yaml", ["batch_size=20000"], force=True)  # the Python API's force
-    assert run.exists() and prepared.plan.batch_size == 20000
+        start("config.yaml", ["batch_size=200000"])
+    run, prepared = start("config.yaml", ["batch_size=200000"], force=True)  # the Python API's force
+    assert run.exists() and prepared.plan.batch_size == 200000
 
 
 def test_a_failed_start_leaves_no_folder_and_the_corrected_config_runs(project, monkeypatch, capsys):

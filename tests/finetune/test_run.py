@@ -186,3 +186,16 @@ def test_an_adapter_trained_on_one_engine_gives_the_same_logits_on_the_other(pro
     on_torch, on_mlx = torch_logits(tiny_llama, ids, native), mlx_logits(mlx_model(tiny_llama, moved), ids)
     assert max_diff(on_torch, on_mlx) < 1e-4
     assert max_diff(on_torch, torch_logits(tiny_llama, ids)) > 1e-3  # the adapter did move the logits
+
+
+def test_the_peak_memory_is_the_runs_own_not_the_process_that_started_it():
+    """A run started from a large process (a test session, a pipeline holding its teacher) reports
+    its own peak: on Linux ``ru_maxrss`` carries the parent's across fork and exec, VmHWM does not."""
+    import subprocess
+    import sys
+
+    held = bytearray(768 * 2**20)
+    held[::4096] = b"\x01" * len(held[::4096])  # touch every page: the parent holds 768 MiB
+    child = subprocess.run([sys.executable, "-c", "from localforge.finetune.report import peak_rss_bytes; "
+                            "print(peak_rss_bytes())"], capture_output=True, text=True, check=True)
+    assert int(child.stdout) < 400 * 2**20 < len(held), child.stdout

@@ -291,9 +291,12 @@ def command(smol, tmp_path_factory):
     env = {**os.environ, "LF_SERVE_TEST_KEY": "s3cret-token"}
     log = tmp_path_factory.mktemp("serve") / "stderr.txt"
     with open(log, "w") as err:
+        # SIGINT as a terminal delivers it: a test session started in the background by a shell
+        # (`make test &`) ignores SIGINT, and its children would inherit that
         proc = subprocess.Popen([sys.executable, "-m", "localforge", "serve", "--backend", "llamacpp", "--model",
                                  MODEL, "--port", str(port), "--api-key-env", "LF_SERVE_TEST_KEY"],
-                                stdout=subprocess.DEVNULL, stderr=err, env=env)
+                                stdout=subprocess.DEVNULL, stderr=err, env=env,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_until_up(f"http://127.0.0.1:{port}/health", timeout=60, proc=proc)
         yield f"http://127.0.0.1:{port}/v1", proc, log

@@ -43,18 +43,25 @@ def write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def safetensors_header(path: Path) -> tuple[int, dict]:
+    """A safetensors file's header, read without its tensors: (its length in bytes, its JSON).
+    ``ValueError`` (or ``OSError``) when the file has none."""
+    size = Path(path).stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("empty file" if not head else "shorter than a header")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size, 100 << 20):
+            raise ValueError("not a safetensors header")
+        return n, json.loads(f.read(n))
+
+
 def check_safetensors(path: Path) -> None:
     """Raise ``CorruptFile`` unless ``path`` has a safetensors header whose tensors fit the file."""
     size = path.stat().st_size
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError("empty file" if not head else "shorter than a header")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(size, 100 << 20):
-                raise ValueError("not a safetensors header")
-            header = json.loads(f.read(n))
+        n, header = safetensors_header(path)
         ends = [info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"]
     except (ValueError, KeyError, TypeError, IndexError, AttributeError, OSError) as exc:
         raise CorruptFile(path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None

@@ -80,7 +80,7 @@ class Probe:
         return int(vm.total), int(vm.available)
 
     def sysctl(self, key: str) -> str | None:
-        return _run(["sysctl", "-n", key])
+        return run_tool(["sysctl", "-n", key])
 
     def cpu_model(self) -> str | None:
         try:
@@ -111,7 +111,7 @@ class Probe:
         """CSV rows ``name, memory MiB, compute capability`` or None when there is no tool."""
         if not shutil.which("nvidia-smi"):
             return None
-        return _run(
+        return run_tool(
             [
                 "nvidia-smi",
                 "--query-gpu=name,memory.total,compute_cap",
@@ -159,7 +159,8 @@ def default_threads() -> int:
 BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16", "bf16"})  # x86 AMX, x86 AVX-512, Arm (Linux and macOS)
 
 
-def _run(cmd: list[str]) -> str | None:
+def run_tool(cmd: list[str]) -> str | None:
+    """A command's stripped output, or None when it is missing, fails, or says nothing (10 s at most)."""
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=True)
     except (OSError, subprocess.SubprocessError):

@@ -21,6 +21,7 @@ from pathlib import Path
 from localforge.backends import REGISTRY, BackendUnavailable, EngineSpec, choose, spec, trainers
 from localforge.backends.training import chunk_rows
 from localforge.errors import ConfigError
+from localforge.files import safetensors_header
 from localforge.finetune.batches import bucket
 from localforge.finetune.config import FinetuneConfig
 from localforge.hardware import GiB, HardwareProfile
@@ -85,24 +86,25 @@ class ModelShape:
                    layers=cfg["num_hidden_layers"], heads=cfg["num_attention_heads"],
                    kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
                    vocab=cfg["vocab_size"], tied_embeddings=cfg.get("tie_word_embeddings", False),
-                   context=cfg.get("max_position_embeddings"), linears=block_linears(path),
-                   **_weight_files(path))
+                   context=cfg.get("max_position_embeddings"), **_weight_files(path))
 
 
 _IN_BLOCK = re.compile(r"^.*?\.(\d+)\.(.+)\.weight$")  # model.layers.3.self_attn.q_proj.weight
 
 
-def block_linears(folder: str | Path) -> tuple[tuple[str, int, int], ...]:
-    """The linear layers of a HF folder's blocks, as (path in the block, in, out), read from the
-    safetensors headers alone (no weights, no engine); () when the folder has no safetensors."""
+def _headers(files: list[Path]) -> list[dict] | None:
+    """The safetensors headers of ``files`` (no weights, no engine); None when one cannot be read."""
+    try:
+        return [safetensors_header(f)[1] for f in files]
+    except (OSError, ValueError, struct.error):
+        return None
+
+
+def block_linears(headers: list[dict] | None) -> tuple[tuple[str, int, int], ...]:
+    """The linear layers of a HF folder's blocks, as (path in the block, in, out), from its
+    safetensors headers; () when there are none or one could not be read."""
     found: dict[str, tuple[int, int]] = {}
-    for file in sorted(Path(folder).glob("*.safetensors")):
-        try:
-            with open(file, "rb") as fh:
-                size = struct.unpack("<Q", fh.read(8))[0]
-                header = json.loads(fh.read(size))
-        except (OSError, ValueError, struct.error):
-            return ()
+    for header in headers or ():
         for name, info in header.items():
             m = _IN_BLOCK.match(name)
             shape = info.get("shape") if isinstance(info, dict) else None
@@ -114,20 +116,19 @@ def block_linears(folder: str | Path) -> tuple[tuple[str, int, int], ...]:
 SAFETENSORS_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8, "I8": 1, "U8": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
-def _weight_files(folder: str | Path) -> dict[str, int]:
-    """The size of a HF folder's safetensors and the bytes per weight of their largest tensor's dtype."""
+def _weight_files(folder: str | Path) -> dict:
+    """What a HF folder's safetensors tell the shape, each header read once: the blocks' linear
+    layers, the files' size and the bytes per weight of the first file's largest tensor."""
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
         return {}
-    total = sum(f.stat().st_size for f in files)
-    try:
-        with open(files[0], "rb") as fh:
-            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
-    except (OSError, ValueError, struct.error):
-        return {"file_bytes": total}
-    tensors = [v for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
-    big = max(tensors, key=lambda v: math.prod(v.get("shape") or [0]), default={})
-    return {"file_bytes": total, "file_dtype_bytes": SAFETENSORS_BYTES.get(big.get("dtype"), 4)}
+    headers = _headers(files)
+    out = {"linears": block_linears(headers), "file_bytes": sum(f.stat().st_size for f in files)}
+    if headers:
+        tensors = [v for k, v in headers[0].items() if k != "__metadata__" and isinstance(v, dict)]
+        big = max(tensors, key=lambda v: math.prod(v.get("shape") or [0]), default={})
+        out["file_dtype_bytes"] = SAFETENSORS_BYTES.get(big.get("dtype"), 4)
+    return out
 
 
 @dataclass

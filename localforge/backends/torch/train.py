@@ -34,7 +34,7 @@ from localforge.backends.training import (
     read_checkpoint_file,
 )
 from localforge.errors import ConfigError
-from localforge.hardware import default_threads
+from localforge.hardware import default_threads, run_tool
 
 prefer_expandable_segments()  # before torch starts its CUDA allocator
 
@@ -328,13 +328,7 @@ def _nvml_used(index: int) -> int | None:
             pynvml.nvmlShutdown()
     except Exception:  # noqa: BLE001 - no NVML, or no permission: try nvidia-smi
         pass
-    import subprocess
-
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
+    out = run_tool(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]) or ""
     for line in out.splitlines():
         parts = [p.strip() for p in line.split(",")]
         if len(parts) == 2 and parts[0] == str(pid) and parts[1].isdigit():

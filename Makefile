@@ -56,6 +56,7 @@ bench: $(VENV)/.dev-installed
 	$(BIN)/python benchmarks/grpo.py
 	$(BIN)/python benchmarks/planner.py
 	$(BIN)/python benchmarks/precision.py
+	$(BIN)/python benchmarks/attention.py
 	$(BIN)/python benchmarks/extract.py
 	$(BIN)/python benchmarks/pipeline.py
 	$(BIN)/python benchmarks/chunking.py

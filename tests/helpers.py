@@ -149,3 +149,41 @@ def make_offline_llama(path, hidden: int = 64, layers: int = 2, seed: int = 0) -
     LlamaForCausalLM(config).save_pretrained(path)
     fast.save_pretrained(path)
     return str(path)
+
+
+def through_both_attentions(trainer, batch, count: str, monkeypatch):
+    """One packed micro-batch's summed loss and adapter gradients through the torch trainer's own
+    attention for packed rows, then through transformers' SDPA with the block-diagonal mask it
+    builds, as ((loss, grads), (loss, grads), calls): ``calls`` lists, per call of
+    ``localforge.backends.torch.attention.<count>`` in the first pass, its sequence count."""
+    from localforge.backends.torch import attention
+
+    assert trainer.packed_attention and trainer.model.config._attn_implementation == attention.NAME
+    calls = []
+    real = getattr(attention, count)
+
+    def counted(query, key, value, cu, *rest):
+        calls.append(len(cu) - 1)
+        return real(query, key, value, cu, *rest)
+
+    monkeypatch.setattr(attention, count, counted)
+
+    def once():
+        trainer.model.zero_grad()
+        loss = trainer._loss_sum(trainer.loss, batch)
+        loss.backward()
+        return float(loss.detach()), [p.grad.clone() for p in trainer.params]
+
+    ours = once()
+    seen = list(calls)
+    trainer.model.set_attn_implementation("sdpa")
+    theirs = once()
+    trainer.model.set_attn_implementation(attention.NAME)
+    assert calls == seen  # the masked pass never came through here
+    return ours, theirs, seen
+
+
+def assert_same_loss_and_grads(ours, theirs, tol: float) -> None:
+    assert ours[0] == pytest.approx(theirs[0], rel=tol)
+    for a, b in zip(ours[1], theirs[1], strict=True):
+        assert (a - b).abs().max() <= tol * max(1e-6, float(b.abs().max()))

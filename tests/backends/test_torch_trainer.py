@@ -9,7 +9,7 @@ import pytest
 from localforge.backends.training import TrainSetup
 from localforge.finetune.batches import as_rows, collate, encode_all, pack
 from localforge.finetune.data import parse_row
-from tests.helpers import TRAIN_ROWS
+from tests.helpers import TRAIN_ROWS, assert_same_loss_and_grads, through_both_attentions
 
 pytest.importorskip("peft")
 
@@ -141,3 +141,44 @@ def test_bf16_is_autocast_over_fp32_trainable_weights(tiny_llama, seqs, method):
     for step in range(3):
         half.step(step, [batch], 1e-2 if method == "lora" else 1e-3, batch.tokens)
     assert half.eval_loss([batch])[0] < before
+
+
+def test_sequence_bounds_cut_the_flattened_rows_at_each_sequence_and_each_rows_padding():
+    import numpy as np
+
+    from localforge.backends.torch.attention import sequence_bounds
+
+    segments = np.array([[1, 1, 2, 2, 2, 0, 0], [1, 1, 1, 1, 2, 0, 0]], np.int32)
+    bounds = sequence_bounds(segments, "cpu")
+    assert bounds["cu_seq_lens_q"].tolist() == [0, 2, 5, 7, 11, 12, 14]
+    assert bounds["cu_seq_lens_k"] is bounds["cu_seq_lens_q"] and bounds["max_length_q"] == 4
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_packed_attention_per_sequence_is_the_block_masks_loss_and_gradients(tiny_llama, seqs, monkeypatch, dtype):
+    """A packed step (two rows of several sequences each, with padding) through localforge's
+    per-sequence attention, against the same step through transformers' SDPA with the
+    block-diagonal mask it builds from the positions: same loss, same adapter gradients. The
+    per-sequence path really runs: once per layer, on every sequence of the batch."""
+    tok, enc = seqs
+    rows = pack(enc[:8], 200)
+    batch = collate(rows[:2], tok.pad_token_id, width=256)
+    assert batch.packed and (batch.segment_ids == 0).any(axis=1).all()  # padding ends each row
+    t = trainer(tiny_llama, dtype=dtype)
+    ours, theirs, calls = through_both_attentions(t, batch, "_per_sequence", monkeypatch)
+    sequences = sum(len(r) for r in rows[:2]) + 2  # and each row's padding
+    assert calls == [sequences] * t.model.config.num_hidden_layers
+    assert_same_loss_and_grads(ours, theirs, 1e-5 if dtype == "fp32" else 2e-2)
+
+
+def test_a_model_trained_with_packed_attention_saves_a_plain_config(tiny_llama, seqs, tmp_path):
+    """The attention implementation localforge registers stays in the process: a full run's model
+    folder loads anywhere, with transformers' own attention."""
+    import json
+
+    tok, enc = seqs
+    t = trainer(tiny_llama, method="full")
+    t.step(0, [collate(pack(enc[:6], 256), tok.pad_token_id)], 1e-3, 100)
+    t.export(tmp_path / "model")
+    assert "localforge" not in (tmp_path / "model" / "config.json").read_text()
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["model_type"] == "llama"

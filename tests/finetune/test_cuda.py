@@ -1,5 +1,5 @@
 """Fine-tuning and generation on an NVIDIA GPU: bf16 training, packed = unpacked loss (bf16 and
-fp32), exact resume, half-precision generation, the manifest's GPU memory, and the allocator
+fp32), packed attention (FlashAttention varlen) = the masked SDPA, exact resume, half-precision generation, the manifest's GPU memory, and the allocator
 setting torch gets from localforge.
 
 The device machine has neither network nor the bundled model, so every CUDA test builds its own
@@ -22,7 +22,12 @@ import pytest
 import yaml
 
 from localforge.finetune.run import TrainingInterrupted, start, train
-from tests.helpers import make_offline_llama, write_jsonl
+from tests.helpers import (
+    assert_same_loss_and_grads,
+    make_offline_llama,
+    through_both_attentions,
+    write_jsonl,
+)
 
 ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # rows in the sentences the offline tokenizer was trained on: 15 tokens each, so 8 of them
@@ -146,6 +151,34 @@ def test_a_stopped_and_resumed_run_follows_the_straight_curve_on_cuda(tmp_path, 
     assert b == pytest.approx(a, rel=1e-2)
     assert resumed["metrics"]["final_train_loss"] == pytest.approx(a[-1], rel=1e-2)
     assert a[-1] != a[0]  # the weights moved: the comparison is on something
+
+
+@pytest.mark.cuda
+def test_packed_attention_on_cuda_is_the_block_masks_loss_and_gradients(tmp_path, monkeypatch):
+    """Packed rows on a GPU in half precision go through FlashAttention's variable-length kernel
+    (once per layer, over every sequence of the batch) where torch ships it and the card has it,
+    else through the masked SDPA; either way the loss and the adapter's gradients are those of
+    transformers' SDPA with the block-diagonal mask."""
+    torch = _cuda()
+    from localforge.backends.torch import attention
+    from localforge.backends.torch.train import TorchTrainer
+    from localforge.backends.training import TrainSetup
+    from localforge.finetune.batches import collate, encode_all, pack
+    from localforge.finetune.data import parse_row
+
+    t = TorchTrainer(TrainSetup(model_path=make_offline_llama(tmp_path / "m", hidden=256, layers=4),
+                                dtype=_half(torch), targets=ALL_LINEARS))
+    enc = encode_all(t.tokenizer, [parse_row(r) for r in ARITH], mask_prompt=True, max_len=64)
+    rows = pack(enc, 100)[:3]
+    batch = collate(rows, t.tokenizer.pad_token_id, width=128)
+    assert batch.packed and (batch.segment_ids == 0).any(axis=1).all()
+    probe = torch.empty(1, 4, 2, 64, dtype=t.model.dtype, device="cuda")
+    flash = attention.flash_varlen_applies(probe)
+    ours, theirs, calls = through_both_attentions(t, batch, "_flash_varlen" if flash else "_per_sequence",
+                                                  monkeypatch)
+    sequences = sum(len(r) for r in rows) + len(rows)  # and each row's padding
+    assert calls == ([sequences] * t.model.config.num_hidden_layers if flash else [])
+    assert_same_loss_and_grads(ours, theirs, 2e-2)
 
 
 @pytest.mark.cuda

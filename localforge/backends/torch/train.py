@@ -4,7 +4,7 @@ No Trainer class in between: forward, a summed cross-entropy over the learned to
 by the step's token count, backward, clip, AdamW. Launched by ``accelerate launch`` with
 several processes, it wraps the model in DDP through ``accelerate.Accelerator`` (gloo on CPU,
 NCCL on CUDA); alone it runs plain torch. Packed rows go in with ``position_ids`` that restart
-per sequence and no attention mask, from which transformers builds a block-diagonal mask.
+per sequence and the sequences' bounds, and each sequence attends to itself alone (attention.py).
 
 The registry imports this module (the spec's ``trainer``) only when torch trains.
 """
@@ -40,6 +40,8 @@ prefer_expandable_segments()  # before torch starts its CUDA allocator
 
 import torch  # noqa: E402
 
+from localforge.backends.torch.attention import sequence_bounds, use_packed_attention  # noqa: E402
+
 
 class TorchTrainer:
     def __init__(self, setup: TrainSetup):
@@ -67,6 +69,7 @@ class TorchTrainer:
         self.autocast = setup.dtype == "bf16"
         load_dtype = torch.float32 if self.autocast and setup.method == "full" else pick_dtype(str(self.device), setup.dtype)
         model = AutoModelForCausalLM.from_pretrained(setup.model_path, dtype=load_dtype)
+        self.packed_attention = use_packed_attention(model)  # packed rows: each sequence attends alone
         if setup.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -104,6 +107,8 @@ class TorchTrainer:
         ids = torch.from_numpy(batch.input_ids).long().to(self.device)
         if batch.packed:  # transformers reads the packing off position ids restarting at 0
             kwargs = {"position_ids": torch.from_numpy(batch.position_ids).long().to(self.device)}
+            if self.packed_attention:  # and attention, off the sequences' bounds
+                kwargs.update(sequence_bounds(batch.segment_ids, self.device))
         else:
             kwargs = {"attention_mask": torch.from_numpy(batch.attention_mask).to(self.device)}
         flat = batch.labels.reshape(-1)

@@ -182,3 +182,62 @@ def test_a_model_trained_with_packed_attention_saves_a_plain_config(tiny_llama, 
     t.export(tmp_path / "model")
     assert "localforge" not in (tmp_path / "model" / "config.json").read_text()
     assert json.loads((tmp_path / "model" / "config.json").read_text())["model_type"] == "llama"
+
+
+def _documented_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=None, causal=False,
+                       enable_gqa=False):
+    """What torch.nn.attention.varlen_attn computes, per its documentation: [T, H, D] tensors,
+    each sequence of ``cu_seq_q`` attending to itself alone (causal when asked)."""
+    import torch
+
+    assert cu_seq_q is cu_seq_k and max_q == max_k == int((cu_seq_q[1:] - cu_seq_q[:-1]).max())
+    if key.shape[1] != query.shape[1]:
+        assert enable_gqa, "several query heads share a key head only with enable_gqa"
+    out = []
+    for a, b in zip(cu_seq_q[:-1].tolist(), cu_seq_q[1:].tolist(), strict=True):
+        q, k, v = (x[a:b].transpose(0, 1)[None] for x in (query, key, value))
+        out.append(torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+                                                                    enable_gqa=enable_gqa)[0].transpose(0, 1))
+    return torch.cat(out)
+
+
+def _varlen_2_9(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    return _documented_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, causal=is_causal)
+
+
+def _varlen_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                 window_size=(-1, -1)):
+    return _documented_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale,
+                              causal=tuple(window_size) == (-1, 0))
+
+
+def _varlen_2_12(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                 window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    return _documented_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale,
+                              causal=tuple(window_size) == (-1, 0), enable_gqa=enable_gqa)
+
+
+@pytest.mark.parametrize("kernel", [_varlen_2_9, _varlen_2_10, _varlen_2_12])
+def test_the_flash_varlen_call_fits_each_torch_releases_signature(monkeypatch, kernel):
+    """FlashAttention's varlen kernel runs on CUDA only, and its signature changed between torch
+    2.9 (is_causal, no scale, no GQA), 2.10 (window_size, scale) and 2.12 (enable_gqa): here a
+    stand-in with each release's signature that computes what the documentation says (the real
+    kernel is checked against the masked SDPA by the CUDA test) takes localforge's call, and the
+    result is the per-sequence attention's (grouped-query heads included)."""
+    import inspect
+
+    import numpy as np
+    import torch
+
+    from localforge.backends.torch import attention
+
+    monkeypatch.setattr(attention, "_varlen", lambda: (kernel, frozenset(inspect.signature(kernel).parameters)))
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 12, 8, generator=gen) for h in (4, 2, 2))
+    segments = np.array([[1] * 5 + [2] * 4 + [0] * 3, [1] * 9 + [0] * 3], np.int32)
+    bounds = attention.sequence_bounds(segments, "cpu")
+    cu = bounds["cu_seq_lens_q"]
+    want = attention._per_sequence(q, k, v, cu.tolist(), 0.0, 8**-0.5)
+    got = attention._flash_varlen(q, k, v, cu, bounds["max_length_q"], 8**-0.5)
+    assert got.shape == want.shape == (2, 12, 4, 8)
+    assert torch.allclose(got, want, atol=1e-6)

@@ -70,19 +70,22 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
                                       scaling=scaling, **kwargs)
     if not query.is_cuda:
         return _per_sequence(query, key, value, cu.tolist(), dropout, scaling), None
-    if flash_varlen_applies(query, dropout):
+    if flash_varlen_applies(query, dropout, scaling):
         return _flash_varlen(query, key, value, cu, kwargs["max_length_q"], scaling), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   **kwargs)  # a GPU or dtype FlashAttention lacks: the masked kernels
 
 
-def flash_varlen_applies(query, dropout: float = 0.0) -> bool:
+def flash_varlen_applies(query, dropout: float = 0.0, scaling: float | None = None) -> bool:
     """Whether FlashAttention's variable-length kernel takes this CUDA query: half precision, no
     dropout, a head size it has (a multiple of 8, at most 256), an Ampere or newer card, a torch
-    that ships the kernel."""
+    that ships the kernel (and, where its kernel takes no ``scale``, the model's scale is the
+    default one over the square root of the head size)."""
     dim = query.shape[-1]
-    return (query.dtype in (torch.bfloat16, torch.float16) and dropout == 0.0 and dim % 8 == 0 and dim <= 256
-            and torch.cuda.get_device_capability(query.device)[0] >= 8 and _varlen() is not None)
+    if not (query.dtype in (torch.bfloat16, torch.float16) and dropout == 0.0 and dim % 8 == 0 and dim <= 256
+            and torch.cuda.get_device_capability(query.device)[0] >= 8 and _varlen() is not None):
+        return False
+    return "scale" in _varlen()[1] or scaling is None or abs(scaling * dim**0.5 - 1.0) < 1e-6
 
 
 def _per_sequence(query, key, value, cu: list[int], dropout: float, scaling):
@@ -111,8 +114,8 @@ def _flash_varlen(query, key, value, cu, longest: int, scaling):
         value = value.repeat_interleave(heads // kv_heads, dim=1)
     k = key.transpose(1, 2).reshape(batch * width, key.shape[1], dim)
     v = value.transpose(1, 2).reshape(batch * width, value.shape[1], dim)
-    extra = {"scale": scaling}
-    if "window_size" in params:
+    extra = {"scale": scaling} if "scale" in params else {}
+    if "window_size" in params:  # its signature changed across torch releases
         extra["window_size"] = (-1, 0)
     else:
         extra["is_causal"] = True

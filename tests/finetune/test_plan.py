@@ -157,6 +157,22 @@ def test_peak_grows_with_batch_and_shrinks_with_checkpointing():
     assert predict_peak(SMOL, batch=4, checkpointing=True, **kw) < peaks[-1]
 
 
+def test_a_cpu_heap_adds_its_measured_share_to_fp32_activations_only():
+    """On a CPU the heap keeps freed intermediates: fp32 activations count CPU_HEAP_FP32 more
+    (measured, benchmarks/planner.py); bf16, and a GPU's prediction, are unchanged."""
+    from localforge.finetune.planner import CPU_HEAP_FP32
+
+    kw = dict(method="lora", seq=128, rank=8, targets=["q_proj", "v_proj"], layers=30, checkpointing=False,
+              runtime_bytes=0, chunked_loss=True)
+    small, big = (predict_peak(SMOL, dtype="fp32", batch=b, **kw) for b in (8, 16))
+    small_h, big_h = (predict_peak(SMOL, dtype="fp32", batch=b, cpu_heap=True, **kw) for b in (8, 16))
+    activations = 8 * 128 * SMOL.layers * (7 * SMOL.hidden + 3 * SMOL.kv_dim + 4 * SMOL.intermediate) * 4
+    assert small_h - small == pytest.approx(CPU_HEAP_FP32 * activations, rel=1e-6)
+    assert (big_h - small_h) == pytest.approx((big - small) + CPU_HEAP_FP32 * activations, rel=1e-6)
+    assert predict_peak(SMOL, dtype="bf16", batch=8, cpu_heap=True, **kw) == predict_peak(SMOL, dtype="bf16",
+                                                                                          batch=8, **kw)
+
+
 def test_explicit_values_are_kept(project):
     cfg = load_config(project / "config.yaml", ["batch_size=2", "grad_accum=3", "backend=mlx", "dtype=fp32"])
     p = plan(examples()["4x-h100-80gb"], SMOL, cfg)

@@ -157,7 +157,8 @@ FLAGS = [
 @pytest.mark.parametrize("args, named", FLAGS, ids=[" ".join(f[0]) for f in FLAGS])
 def test_bad_flags_are_usage_errors(args, named, monkeypatch, capsys):
     code, out, err = cli_main(monkeypatch, capsys, *args)
-    assert_one_line(code, err, 2, named)
+    # an argument is named as the usage line names it: PROMPT before typer 0.27, prompt since
+    assert_one_line(code, err.lower() if named.isupper() else err, 2, named.lower() if named.isupper() else named)
 
 
 VALUES = [

@@ -1,8 +1,10 @@
 """The hardware planner on this machine: predicted against measured peak memory, auto batch against a sweep.
 
-On the bundled SmolLM2-135M, LoRA (rank 8, q_proj + v_proj), grad_accum 1, and dtype and
-gradient checkpointing left to the planner (bf16 on a CPU with bf16 instructions, else fp32),
-for each layout of ``--layouts``:
+On the bundled SmolLM2-135M (or, with ``--shape``, a random-initialised model of a named shape
+built on this machine: the way to run it on a GPU machine that cannot receive the bundled
+model), LoRA (rank 8, q_proj + v_proj), grad_accum 1, and dtype and gradient checkpointing left
+to the planner (bf16 on CUDA and on a CPU with bf16 instructions, else fp32), for each layout
+of ``--layouts``:
 
 - ``full``: rows of exactly ``--seq`` tokens (no padding, nothing to pack);
 - ``packed``: short rows (an eighth to a half of ``--seq``), packed into rows of ``--seq``;
@@ -11,8 +13,11 @@ for each layout of ``--layouts``:
 
 and for each batch of the sweep (8, 16, 32, 64): the planner's ``predicted_peak_bytes`` from
 ``localforge finetune --dry-run --json``, then real runs of ``--steps`` steps through the CLI;
-the measured peak is the runs' ``metrics.peak_rss_bytes`` (what the process holds; goal: within
-10% of the prediction), and tokens/s the median step after the first (from metrics.jsonl);
+the measured peak is what the process holds (goal: within 10% of the prediction): on a CPU the
+run's ``metrics.peak_rss_bytes``; on CUDA the GPU memory NVML saw the process hold
+(``metrics.memory.nvml_used_bytes``, its CUDA context included, as the prediction's runtime
+is), else torch's ``peak_reserved_bytes``; both CUDA figures and the peak allocated are in the
+JSON. tokens/s is the median step after the first (from metrics.jsonl);
 - ``batch_size=auto``: the batch the planner picks (from the dry run), then real runs; goal: the
   tokens/s of the batch it picks at least 90% of the best batch of the sweep, and no run out of
   memory. Auto resolves to one of the sweep's configurations (checked), so its runs and the
@@ -22,11 +27,13 @@ Every run passes ``--force``: the sweep measures batches whose predicted peak ex
 too (without it `finetune` refuses them before any work).
 
 Rounds run every configuration in alternating order; tokens/s is the median step over all
-rounds, the peak the highest. One thread per run by default, as in benchmarks/finetune.py: on
-a shared 2-core VM two threads collapse whenever another process takes a core.
+rounds, the peak the highest. One thread per run by default on a CPU, as in
+benchmarks/finetune.py: on a shared 2-core VM two threads collapse whenever another process
+takes a core.
 
     python benchmarks/planner.py [--seq 128] [--batches 8,16,32,64] [--layouts packed,padded]
                                  [--steps 3] [--rounds 1] [--threads 1] [--quick]
+    python benchmarks/planner.py --device cuda --shape llama-1b --tokenizer bpe   # seq 512, 5 steps
 """
 
 from __future__ import annotations
@@ -53,6 +60,18 @@ def dry_run(cfg: Path, env: dict) -> dict:
     return json.loads(out.stdout)
 
 
+def held(manifest: dict) -> tuple[int | None, str]:
+    """What the run's process held at its peak, and where that figure comes from: on CUDA the GPU
+    memory NVML saw it hold (else torch's reserved peak), on a CPU its peak RSS."""
+    memory = manifest["metrics"].get("memory") or {}
+    if manifest["plan"]["device"] == "cuda":
+        for key in ("nvml_used_bytes", "peak_reserved_bytes"):
+            if memory.get(key):
+                return memory[key], key
+        return None, "none"
+    return manifest["metrics"]["peak_rss_bytes"], "peak_rss_bytes"
+
+
 def real_run(cfg: Path, out: Path, env: dict, log: Path) -> dict:
     from finetune import run_process
 
@@ -67,7 +86,11 @@ def real_run(cfg: Path, out: Path, env: dict, log: Path) -> dict:
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     steps = [s for s in steps if "loss" in s]
     rates = [s["tokens"] / s["seconds"] for s in steps[1:]]  # step 1 is warm-up
-    return {**result, "status": manifest["status"], "peak_rss_bytes": manifest["metrics"]["peak_rss_bytes"],
+    peak, source = held(manifest)
+    memory = manifest["metrics"].get("memory") or {}
+    return {**result, "status": manifest["status"], "peak_bytes": peak, "peak_source": source,
+            "peak_rss_bytes": manifest["metrics"]["peak_rss_bytes"],
+            **{k: memory[k] for k in ("peak_allocated_bytes", "peak_reserved_bytes", "nvml_used_bytes") if k in memory},
             "tokens_per_s": round(statistics.median(rates), 2), "step_rates": [round(r, 2) for r in rates],
             "plan": manifest["plan"]}
 
@@ -79,10 +102,14 @@ def summarise(plan: dict, runs: list[dict]) -> dict:
            "status": "completed" if len(ok) == len(runs) else next(x["status"] for x in runs if x not in ok),
            "runs": runs}
     if ok:
-        row["peak_rss_bytes"] = max(x["peak_rss_bytes"] for x in ok)
         row["tokens_per_s"] = round(statistics.median(v for x in ok for v in x["step_rates"]), 2)
-        row["measured_over_predicted"] = round(row["peak_rss_bytes"] / plan["predicted_peak_bytes"], 3)
-        row["within_10pct"] = abs(row["measured_over_predicted"] - 1) <= 0.10
+        for key in ("peak_rss_bytes", "peak_allocated_bytes", "peak_reserved_bytes", "nvml_used_bytes"):
+            if all(x.get(key) for x in ok):
+                row[key] = max(x[key] for x in ok)
+        if all(x["peak_bytes"] for x in ok):
+            row["peak_bytes"], row["peak_source"] = max(x["peak_bytes"] for x in ok), ok[0]["peak_source"]
+            row["measured_over_predicted"] = round(row["peak_bytes"] / plan["predicted_peak_bytes"], 3)
+            row["within_10pct"] = abs(row["measured_over_predicted"] - 1) <= 0.10
     return row
 
 
@@ -104,27 +131,50 @@ def short_rows(folder: Path, seq: int, n: int = 256) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cuda: bf16 on the first GPU, the peak read off the GPU (default seq 512, 5 steps)")
+    ap.add_argument("--shape", help="smollm2-135m, llama-1b or a folder with a config.json: a random model of that "
+                                    "shape built here (default: the bundled model)")
+    ap.add_argument("--tokenizer", default=None, help="with --shape: a tokenizer folder, or bpe (see benchmarks/shapes.py)")
+    ap.add_argument("--seq", type=int, default=None, help="default 128, 512 on cuda")
     ap.add_argument("--batches", default="8,16,32,64")
     ap.add_argument("--layouts", default="packed,padded", help="comma-separated: full, packed, padded")
-    ap.add_argument("--steps", type=int, default=3, help="steps per run (the first is warm-up)")
+    ap.add_argument("--steps", type=int, default=None, help="steps per run (the first is warm-up; default 3, 5 on cuda)")
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=1, help="threads for every run (see benchmarks/finetune.py)")
+    ap.add_argument("--threads", type=int, default=None, help="threads for every run (default 1, 8 on cuda; see "
+                                                               "benchmarks/finetune.py)")
     ap.add_argument("--quick", action="store_true", help="tiny settings: a smoke run")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs, run folders)")
-    ap.add_argument("--out", default="benchmarks/results/planner.json")
+    ap.add_argument("--out", default=None, help="default benchmarks/results/planner.json, planner-cuda.json on cuda")
     args = ap.parse_args()
+    cuda = args.device == "cuda"
+    defaults = {"seq": 512, "steps": 5, "threads": 8} if cuda else {"seq": 128, "steps": 3, "threads": 1}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.quick:
         args.seq, args.batches, args.steps, args.rounds = 64, "2,4", 2, 1
+    if args.out is None:
+        args.out = f"benchmarks/results/planner{'-cuda' if cuda else ''}.json"
 
-    from finetune import child_env, localforge_config, write_data
+    from finetune import bench_texts, child_env, localforge_config, run_child, write_data
 
-    from localforge.backends import ensure_hf
-    from localforge.models import resolve
-
-    model_path = ensure_hf(resolve("smollm2-135m"))
     work = Path(tempfile.mkdtemp(prefix="lf-bench-planner-"))
     env = child_env(args.threads)
+    env["CUDA_VISIBLE_DEVICES"] = "0" if cuda else ""  # one GPU, or none (a GPU machine's --device cpu)
+    model_ref = model_path = None
+    if args.shape:  # a random model of that shape, built on this machine (no weights travel)
+        built = run_child("shape", {"threads": args.threads, "shape": args.shape, "out": str(work / "model"),
+                                    "device": args.device, "dtype": "bf16" if cuda else "fp32",
+                                    "tokenizer": args.tokenizer, "texts": bench_texts()}, work, "shape")
+        model_ref = model_path = built["model_path"]
+        print(f"{args.shape}: {built.get('params', 0) / 1e6:.1f}M parameters, random, built on {args.device}",
+              file=sys.stderr, flush=True)
+    else:
+        from localforge.backends import ensure_hf
+        from localforge.models import resolve
+
+        model_path = ensure_hf(resolve("smollm2-135m"))
     layouts = args.layouts.split(",")
     data = {"full": write_data(work / "data-full", model_path, args.seq)} if "full" in layouts else {}
     if {"packed", "padded"} & set(layouts):
@@ -133,7 +183,9 @@ def main() -> None:
 
     def config(tag: str, layout: str, batch) -> tuple[Path, Path]:
         out = work / f"run-{tag}"
-        s = {"steps": args.steps, "batch": batch, "seq": args.seq}
+        s = {"steps": args.steps, "batch": batch, "seq": args.seq, "device": args.device}
+        if model_ref:
+            s["model_ref"] = model_ref
         return localforge_config(work / f"{tag}.yaml", data[layout], out, s, "torch", gradient_checkpointing="auto",
                                  dtype="auto", packing=layout == "packed"), out
 
@@ -142,6 +194,9 @@ def main() -> None:
     plans = {}
     for tag, layout, batch in entries:
         plans[tag] = dry_run(config(tag, layout, batch)[0], env)
+        if plans[tag]["device"] != args.device:
+            raise SystemExit(f"the planner chose {plans[tag]['device']}, not --device {args.device}: "
+                             "is the GPU visible to torch?")
         print(f"{tag}: batch {plans[tag]['batch_size']}, {plans[tag]['dtype']}, predicted peak "
               f"{plans[tag]['predicted_peak_bytes'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
     runs: dict[str, list[dict]] = {tag: [] for tag, _, _ in entries}
@@ -151,7 +206,8 @@ def main() -> None:
             run = real_run(cfg, out, env, work / f"{tag}-{r}.log")
             runs[tag].append(run)
             print(f"round {r + 1}/{args.rounds} {tag}: {run['status']}, {run.get('tokens_per_s', 0):.1f} tok/s, "
-                  f"peak {run.get('peak_rss_bytes', 0) / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+                  f"peak {(run.get('peak_bytes') or 0) / 2**30:.2f} GiB ({run.get('peak_source')})",
+                  file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - began
 
     sweep = {tag: {**summarise(plans[tag], runs[tag]), "layout": layout} for tag, layout, _ in entries[:-1]}
@@ -190,7 +246,9 @@ def main() -> None:
 
     console = Console(width=max(Console().width, 140))
     gib = 2**30
-    table = Table(title=f"Planner vs measured, SmolLM2-135M LoRA, seq {args.seq}, grad_accum 1, "
+    what = f"{args.shape} (random)" if args.shape else "SmolLM2-135M"
+    held_as = "GPU memory held (NVML, else reserved)" if cuda else "peak RSS"
+    table = Table(title=f"Planner vs measured ({held_as}), {what} LoRA on {args.device}, seq {args.seq}, grad_accum 1, "
                         f"{args.steps} steps x {args.rounds} round(s), {args.threads} thread(s)")
     for col in ("layout", "batch", "dtype", "checkpointing", "predicted GiB", "measured GiB", "measured / predicted",
                 "within 10%", "tok/s (median step)", "status"):
@@ -198,7 +256,7 @@ def main() -> None:
     for r in [*sweep.values(), {**auto, "batch": f"auto ({auto['batch']})"}]:
         table.add_row(r["layout"], str(r["batch"]), r["dtype"], str(r["gradient_checkpointing"]),
                       f"{r['predicted_peak_bytes'] / gib:.2f}",
-                      f"{r['peak_rss_bytes'] / gib:.2f}" if "peak_rss_bytes" in r else "-",
+                      f"{r['peak_bytes'] / gib:.2f}" if "peak_bytes" in r else "-",
                       f"{r['measured_over_predicted']:.3f}" if "measured_over_predicted" in r else "-",
                       ("yes" if r["within_10pct"] else "NO") if "within_10pct" in r else "",
                       f"{r['tokens_per_s']:.1f}" if "tokens_per_s" in r else "-", r["status"])
@@ -215,7 +273,7 @@ def main() -> None:
 
     result = {
         "machine": machine(),
-        "settings": {"seq": args.seq, "batches": args.batches, "layouts": layouts, "steps": args.steps,
+        "settings": {"device": args.device, "shape": args.shape, "seq": args.seq, "batches": args.batches, "layouts": layouts, "steps": args.steps,
                      "rounds": args.rounds, "threads": args.threads, "grad_accum": 1, "dtype": "auto",
                      "method": "lora", "rank": 8, "targets": ["q_proj", "v_proj"]},
         "sweep": list(sweep.values()),

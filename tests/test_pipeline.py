@@ -110,8 +110,11 @@ def _same(a: dict, b: dict) -> None:
     for key in a:
         if key == "adapter":
             assert a[key].keys() == b[key].keys()
+            # fp32 on a CPU: a resumed process may take other MKL kernel paths (its buffers align
+            # differently), seen as 1.2e-6 on one of 256 weights of ~0.08 after 24 steps on an
+            # AVX-512 VM; one Adam step at this learning rate (1e-3) moves a weight by up to 1e-3
             for name in a[key]:
-                np.testing.assert_allclose(a[key][name], b[key][name], atol=1e-6, err_msg=name)
+                np.testing.assert_allclose(a[key][name], b[key][name], atol=1e-5, err_msg=name)
         elif key == "losses":
             np.testing.assert_allclose(a[key], b[key], rtol=1e-5)
         else:

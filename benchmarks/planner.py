@@ -157,16 +157,19 @@ def main() -> None:
     if args.out is None:
         args.out = f"benchmarks/results/planner{'-cuda' if cuda else ''}.json"
 
-    from finetune import bench_texts, child_env, localforge_config, run_child, write_data
+    from finetune import _abort, bench_texts, child_env, localforge_config, run_child, write_data
 
     work = Path(tempfile.mkdtemp(prefix="lf-bench-planner-"))
     env = child_env(args.threads)
     env["CUDA_VISIBLE_DEVICES"] = "0" if cuda else ""  # one GPU, or none (a GPU machine's --device cpu)
     model_ref = model_path = None
     if args.shape:  # a random model of that shape, built on this machine (no weights travel)
-        built = run_child("shape", {"threads": args.threads, "shape": args.shape, "out": str(work / "model"),
-                                    "device": args.device, "dtype": "bf16" if cuda else "fp32",
-                                    "tokenizer": args.tokenizer, "texts": bench_texts()}, work, "shape")
+        try:
+            built = run_child("shape", {"threads": args.threads, "shape": args.shape, "out": str(work / "model"),
+                                        "device": args.device, "dtype": "bf16" if cuda else "fp32",
+                                        "tokenizer": args.tokenizer, "texts": bench_texts()}, work, "shape")
+        except RuntimeError as exc:  # no GPU, an unknown shape: one line, and no work folder left
+            _abort(work, f"could not build --shape {args.shape} on {args.device}: {str(exc).splitlines()[-1]}")
         model_ref = model_path = built["model_path"]
         print(f"{args.shape}: {built.get('params', 0) / 1e6:.1f}M parameters, random, built on {args.device}",
               file=sys.stderr, flush=True)

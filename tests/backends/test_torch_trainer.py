@@ -159,16 +159,34 @@ def test_packed_attention_per_sequence_is_the_block_masks_loss_and_gradients(tin
     """A packed step (two rows of several sequences each, with padding) through localforge's
     per-sequence attention, against the same step through transformers' SDPA with the
     block-diagonal mask it builds from the positions: same loss, same adapter gradients. The
-    per-sequence path really runs: once per layer, on every sequence of the batch."""
+    per-sequence path really runs: once per layer, on every sequence of the batch (from any row
+    width here: on a CPU it runs from ``CPU_PER_SEQUENCE_FROM``, 1024 tokens, by default)."""
+    from localforge.backends.torch import attention
+
     tok, enc = seqs
     rows = pack(enc[:8], 200)
     batch = collate(rows[:2], tok.pad_token_id, width=256)
     assert batch.packed and (batch.segment_ids == 0).any(axis=1).all()  # padding ends each row
     t = trainer(tiny_llama, dtype=dtype)
+    monkeypatch.setattr(attention, "CPU_PER_SEQUENCE_FROM", 256)
     ours, theirs, calls = through_both_attentions(t, batch, "_per_sequence", monkeypatch)
     sequences = sum(len(r) for r in rows[:2]) + 2  # and each row's padding
     assert calls == [sequences] * t.model.config.num_hidden_layers
     assert_same_loss_and_grads(ours, theirs, 1e-5 if dtype == "fp32" else 2e-2)
+
+
+def test_packed_rows_shorter_than_the_cpu_threshold_keep_the_masked_kernels(tiny_llama, seqs, monkeypatch):
+    """On a CPU, rows narrower than ``CPU_PER_SEQUENCE_FROM`` go through transformers' masked SDPA
+    (faster there, measured): the per-sequence path is not called, and the loss and gradients
+    are the masked pass's."""
+    from localforge.backends.torch.attention import CPU_PER_SEQUENCE_FROM
+
+    tok, enc = seqs
+    batch = collate(pack(enc[:8], 200)[:2], tok.pad_token_id, width=256)
+    assert batch.packed and batch.input_ids.shape[1] < CPU_PER_SEQUENCE_FROM
+    ours, theirs, calls = through_both_attentions(trainer(tiny_llama), batch, "_per_sequence", monkeypatch)
+    assert calls == []
+    assert_same_loss_and_grads(ours, theirs, 1e-6)
 
 
 def test_a_model_trained_with_packed_attention_saves_a_plain_config(tiny_llama, seqs, tmp_path):

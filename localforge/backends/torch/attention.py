@@ -7,12 +7,12 @@ CUDA the mask rules out the FlashAttention kernel. So the torch trainer register
 attention implementation with transformers (``NAME``), which the model runs instead of "sdpa":
 
 - a batch with sequence bounds (``cu_seq_lens_q``, cumulative over the flattened ``B*T`` tokens,
-  each row's padding a sequence of its own) and no cache: on a CPU, causal SDPA sequence by
-  sequence, each on its own slice, so no masked pair is computed; on CUDA in bf16/fp16,
-  FlashAttention's variable-length kernel (``torch.nn.attention.varlen``) over the flattened
-  tokens;
-- anything else (padded rows, generation, a GPU, dtype or torch the kernel lacks): transformers'
-  own SDPA path with the mask it built, unchanged.
+  each row's padding a sequence of its own) and no cache: on a CPU, rows of at least
+  ``CPU_PER_SEQUENCE_FROM`` tokens attend by causal SDPA sequence by sequence, each on its own
+  slice, so no masked pair is computed; on CUDA in bf16/fp16, FlashAttention's variable-length
+  kernel (``torch.nn.attention.varlen``) over the flattened tokens;
+- anything else (padded rows, generation, shorter rows on a CPU, a GPU, dtype or torch the
+  kernel lacks): transformers' own SDPA path with the mask it built, unchanged.
 
 Both are exact: a token sees the same keys as under the block-diagonal mask.
 """
@@ -26,6 +26,11 @@ import numpy as np
 import torch
 
 NAME = "localforge_packed"
+# On a CPU attending per sequence pays once rows are long; below, the masked kernels are as fast
+# or faster (benchmarks/attention.py, SmolLM2-135M LoRA, fp32, 2 threads: per sequence over
+# masked 0.81x at 256 tokens, 0.97x at 512, 1.10x at 1024, 1.70x at 2048 on an Intel Xeon with
+# AVX-512; 1.05x, 1.02x and 1.71x at 256, 512 and 2048 on an AMD EPYC with AVX2)
+CPU_PER_SEQUENCE_FROM = 1024
 
 
 def register() -> None:
@@ -68,12 +73,12 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     if cu is None or query.shape[2] != key.shape[2] or query.shape[2] == 1:  # not packed, or decoding
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    if not query.is_cuda:
+    if not query.is_cuda and query.shape[2] >= CPU_PER_SEQUENCE_FROM:
         return _per_sequence(query, key, value, cu.tolist(), dropout, scaling), None
-    if flash_varlen_applies(query, dropout, scaling):
+    if query.is_cuda and flash_varlen_applies(query, dropout, scaling):
         return _flash_varlen(query, key, value, cu, kwargs["max_length_q"], scaling), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  **kwargs)  # a GPU or dtype FlashAttention lacks: the masked kernels
+                                  **kwargs)  # short CPU rows, or a GPU or dtype FlashAttention lacks: masked
 
 
 def flash_varlen_applies(query, dropout: float = 0.0, scaling: float | None = None) -> bool:

@@ -794,6 +794,16 @@ def measure(name: str, s: dict, work: Path, tag: str, gpu: GpuMemory | None = No
     return out
 
 
+def build_shape(work: Path, shape: str, device: str, dtype: str, tokenizer: str | None, threads: int) -> dict:
+    """``--shape`` built in a child process (``child_shape``) under ``work/model``; one line naming
+    the flag, and no work folder left, where it cannot be (no GPU, an unknown shape)."""
+    try:
+        return run_child("shape", {"threads": threads, "shape": shape, "out": str(work / "model"), "device": device,
+                                   "dtype": dtype, "tokenizer": tokenizer, "texts": bench_texts()}, work, "shape")
+    except RuntimeError as exc:
+        _abort(work, f"could not build --shape {shape} on {device}: {str(exc).splitlines()[-1]}")
+
+
 def flops_per_token(model_path: str, seq: float, targets: list[str] | None = None) -> dict:
     from localforge.finetune.planner import ModelShape
 
@@ -922,12 +932,7 @@ def main() -> None:
     shape_info: dict = {}
     if shape is not None:
         print(f"building {shape} ({dtype}, random weights, on {args.device}) ...", file=sys.stderr, flush=True)
-        try:
-            shape_info = run_child("shape", {"threads": threads, "shape": shape, "out": str(work / "model"),
-                                             "device": args.device, "dtype": dtype, "tokenizer": args.tokenizer,
-                                             "texts": bench_texts()}, work, "shape")
-        except RuntimeError as exc:
-            _abort(work, f"could not build --shape {shape}: {exc}")
+        shape_info = build_shape(work, shape, args.device, dtype, args.tokenizer, threads)
         model_path = model_ref = shape_info["model_path"]
         print(f"  {shape_info.get('params', 0) / 1e6:.1f}M parameters, tokenizer: {shape_info.get('tokenizer_source')}",
               file=sys.stderr, flush=True)

@@ -60,10 +60,12 @@ def dry_run(cfg: Path, env: dict) -> dict:
     return json.loads(out.stdout)
 
 
-def held(manifest: dict) -> tuple[int | None, str]:
+GPU_MEMORY = ("peak_allocated_bytes", "peak_reserved_bytes", "nvml_used_bytes")  # the manifest's metrics.memory
+
+
+def held(manifest: dict, memory: dict) -> tuple[int | None, str]:
     """What the run's process held at its peak, and where that figure comes from: on CUDA the GPU
     memory NVML saw it hold (else torch's reserved peak), on a CPU its peak RSS."""
-    memory = manifest["metrics"].get("memory") or {}
     if manifest["plan"]["device"] == "cuda":
         for key in ("nvml_used_bytes", "peak_reserved_bytes"):
             if memory.get(key):
@@ -86,11 +88,10 @@ def real_run(cfg: Path, out: Path, env: dict, log: Path) -> dict:
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     steps = [s for s in steps if "loss" in s]
     rates = [s["tokens"] / s["seconds"] for s in steps[1:]]  # step 1 is warm-up
-    peak, source = held(manifest)
     memory = manifest["metrics"].get("memory") or {}
+    peak, source = held(manifest, memory)
     return {**result, "status": manifest["status"], "peak_bytes": peak, "peak_source": source,
-            "peak_rss_bytes": manifest["metrics"]["peak_rss_bytes"],
-            **{k: memory[k] for k in ("peak_allocated_bytes", "peak_reserved_bytes", "nvml_used_bytes") if k in memory},
+            "peak_rss_bytes": manifest["metrics"]["peak_rss_bytes"], **{k: memory[k] for k in GPU_MEMORY if k in memory},
             "tokens_per_s": round(statistics.median(rates), 2), "step_rates": [round(r, 2) for r in rates],
             "plan": manifest["plan"]}
 
@@ -103,7 +104,7 @@ def summarise(plan: dict, runs: list[dict]) -> dict:
            "runs": runs}
     if ok:
         row["tokens_per_s"] = round(statistics.median(v for x in ok for v in x["step_rates"]), 2)
-        for key in ("peak_rss_bytes", "peak_allocated_bytes", "peak_reserved_bytes", "nvml_used_bytes"):
+        for key in ("peak_rss_bytes", *GPU_MEMORY):
             if all(x.get(key) for x in ok):
                 row[key] = max(x[key] for x in ok)
         if all(x["peak_bytes"] for x in ok):
@@ -157,19 +158,14 @@ def main() -> None:
     if args.out is None:
         args.out = f"benchmarks/results/planner{'-cuda' if cuda else ''}.json"
 
-    from finetune import _abort, bench_texts, child_env, localforge_config, run_child, write_data
+    from finetune import build_shape, child_env, localforge_config, write_data
 
     work = Path(tempfile.mkdtemp(prefix="lf-bench-planner-"))
     env = child_env(args.threads)
     env["CUDA_VISIBLE_DEVICES"] = "0" if cuda else ""  # one GPU, or none (a GPU machine's --device cpu)
     model_ref = model_path = None
     if args.shape:  # a random model of that shape, built on this machine (no weights travel)
-        try:
-            built = run_child("shape", {"threads": args.threads, "shape": args.shape, "out": str(work / "model"),
-                                        "device": args.device, "dtype": "bf16" if cuda else "fp32",
-                                        "tokenizer": args.tokenizer, "texts": bench_texts()}, work, "shape")
-        except RuntimeError as exc:  # no GPU, an unknown shape: one line, and no work folder left
-            _abort(work, f"could not build --shape {args.shape} on {args.device}: {str(exc).splitlines()[-1]}")
+        built = build_shape(work, args.shape, args.device, "bf16" if cuda else "fp32", args.tokenizer, args.threads)
         model_ref = model_path = built["model_path"]
         print(f"{args.shape}: {built.get('params', 0) / 1e6:.1f}M parameters, random, built on {args.device}",
               file=sys.stderr, flush=True)

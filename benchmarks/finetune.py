@@ -56,7 +56,9 @@ trl-gc, trl-liger (``use_liger_kernel=True``; skipped with the reason when liger
 not import), peft-loop, unsloth and unsloth-gc (``FastLanguageModel`` on the same folder,
 ``get_peft_model`` with the same r/alpha/targets, ``use_gradient_checkpointing=False`` and its
 default ``"unsloth"``, trained by its patched TRL ``SFTTrainer``; skipped with the reason when
-unsloth does not import). mlx contenders do not run on CUDA. Per contender: tokens/s over the
+unsloth does not import). localforge's options run when named: localforge-torch-liger
+(``kernels: liger``, CUDA, with liger-kernel) and localforge-torch-compile (``compile: true``,
+also on a CPU), each reported against localforge-torch. mlx contenders do not run on CUDA. Per contender: tokens/s over the
 whole timed loop (steps 2..N: a GPU step takes tens of ms, so the whole loop, not the median
 step, is the figure; the per-step rates are in the JSON), MFU (the formula's FLOPs: the
 recompute of checkpointing is not counted) against the best bf16 8192x8192 ``torch.mm``
@@ -105,9 +107,13 @@ from pathlib import Path
 TORCH = ("localforge-torch", "trl", "trl-gc", "peft-loop")
 MLX = ("localforge-mlx", "mlx_lm.lora")
 CUDA = ("localforge-torch", "trl", "trl-gc", "trl-liger", "peft-loop", "unsloth", "unsloth-gc")
-CUDA_ONLY = ("trl-liger", "unsloth", "unsloth-gc")
+# localforge's options, asked for by name (not in the defaults): contender -> (backend, config keys)
+VARIANTS = {"localforge-torch-liger": ("torch", {"kernels": "liger"}),
+            "localforge-torch-compile": ("torch", {"compile": True})}
+CUDA_ONLY = ("trl-liger", "unsloth", "unsloth-gc", "localforge-torch-liger")
 NEEDS = {"trl-liger": ("liger_kernel", "liger-kernel"), "unsloth": ("unsloth", "unsloth"),
-         "unsloth-gc": ("unsloth", "unsloth")}  # contender: (module, pip name)
+         "unsloth-gc": ("unsloth", "unsloth"),
+         "localforge-torch-liger": ("liger_kernel", "liger-kernel")}  # contender: (module, pip name)
 ANCHOR = {"localforge-torch": "trl", "localforge-mlx": "mlx_lm.lora"}
 LORA = {"rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": ["q_proj", "v_proj"]}
 TARGETS = {"qv": ["q_proj", "v_proj"],
@@ -718,10 +724,11 @@ def localforge_config(path: Path, data: Path, out: Path, s: dict, backend: str, 
     return path
 
 
-def run_localforge(backend: str, s: dict, work: Path, tag: str, gpu: GpuMemory | None = None) -> dict:
+def run_localforge(backend: str, s: dict, work: Path, tag: str, gpu: GpuMemory | None = None, **keys) -> dict:
+    """``localforge finetune`` on the contender's config (``keys`` over it: ``kernels``, ``compile``)."""
     out = work / f"run-{tag}"
     cuda = s.get("device") == "cuda"
-    cfg = localforge_config(work / f"{tag}.yaml", Path(s["data"]), out, s, backend)
+    cfg = localforge_config(work / f"{tag}.yaml", Path(s["data"]), out, s, backend, **keys)
     cmd = [sys.executable, "-m", "localforge", "finetune", str(cfg), "--backend", backend, "--no-progress"]
     proc = run_process(cmd, child_env(s["threads"]), work / f"{tag}.log", watch=out / "metrics.jsonl",
                        poll=0.002 if cuda else 0.02, gpu=gpu)
@@ -767,7 +774,10 @@ MEMORY_KEYS = ("peak_allocated_bytes", "peak_reserved_bytes", "nvml_used_bytes",
 
 
 def measure(name: str, s: dict, work: Path, tag: str, gpu: GpuMemory | None = None) -> dict:
-    if name.startswith("localforge-"):
+    if name in VARIANTS:
+        backend, keys = VARIANTS[name]
+        res = run_localforge(backend, s, work, tag, gpu, **keys)
+    elif name.startswith("localforge-"):
         res = run_localforge(name.removeprefix("localforge-"), s, work, tag, gpu)
     else:
         res = run_child(name, s, work, tag, gpu)
@@ -883,9 +893,10 @@ def main() -> None:
 
     threads = args.threads
     wanted = args.contenders.split(",")
-    unknown = [n for n in wanted if n not in (*TORCH, *MLX, *CUDA)]
+    unknown = [n for n in wanted if n not in (*TORCH, *MLX, *CUDA, *VARIANTS)]
     if unknown:
-        raise SystemExit(f"unknown contenders {', '.join(unknown)}: expected some of {', '.join(dict.fromkeys(CUDA + MLX))}")
+        raise SystemExit(f"unknown contenders {', '.join(unknown)}: expected some of "
+                         f"{', '.join(dict.fromkeys(CUDA + MLX + tuple(VARIANTS)))}")
     shape = args.shape
     model_ref = "smollm2-135m"
     model_path = None
@@ -1054,6 +1065,10 @@ def main() -> None:
             "peak_rss_localforge_mlx_vs_mlx_lm": {"ratio": ratio("localforge-mlx", "mlx_lm.lora", "peak_rss_bytes"),
                                                   "goal": "<= 1.0"},
         }
+    for variant in VARIANTS:  # does an option pay? (what would make ``auto`` plan it)
+        if variant in rows:
+            goals[f"{variant.replace('-', '_')}_vs_localforge_torch"] = {
+                "ratio": ratio(variant, "localforge-torch"), "goal": ">= 1.0 (reference)"}
     for g in goals.values():
         if g["ratio"] is not None:
             op, target = g["goal"].split()[:2]

@@ -11,7 +11,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "localforge"
 ENGINES = {"torch", "mlx", "mlx_lm", "transformers", "peft", "trl", "accelerate", "llama_cpp", "vllm", "ollama",
-           "openai"}
+           "openai", "liger_kernel"}
 JOBS = ("extract", "teach", "finetune", "export", "serve", "pipeline")
 CORE = ("errors", "files", "jsonfiles", "hardware", "models", "adapters", "settings", "resumable")
 

@@ -2,16 +2,20 @@
 # The CUDA checks, on a GPU machine that has no network (the device tool's), in one call each:
 #   bash benchmarks/device/cuda.sh SET STEP...        SET: a or b (the wheels wheels.sh made)
 # Steps, each under its own time cap, its output in $OUT (one log; JSON results in results.tgz):
-#   tests      pytest -m cuda: bf16 training, packed = unpacked, resume, generation, the manifest's
-#              GPU memory, GRPO, vLLM (skips without it); random models, no bundled files
+#   tests      pytest -m cuda: bf16 training, packed = unpacked, resume, Liger and compiled layers
+#              against eager, generation, the manifest's GPU memory, GRPO, vLLM (skips without
+#              it); random models, no bundled files
 #   attention  benchmarks/attention.py: per-sequence (FlashAttention varlen) against masked SDPA
 #   qv, all    benchmarks/finetune.py on the 1.07B shape, packed, LoRA on q,v or on all seven
 #              linear layers: localforge against TRL, TRL+Liger and a peft loop (set a), or
 #              against Unsloth (set b; localforge runs again there to bridge the two calls)
+#   options    benchmarks/finetune.py on the 1.07B shape, packed, all seven layers: localforge's
+#              own kernels against kernels: liger and compile: true (set a: it carries Liger)
 #   planner    benchmarks/planner.py on the 1.07B shape: predicted against held GPU memory
-#   small      benchmarks/finetune.py on the 135M shape (launch-bound), localforge and TRL
+#   small      benchmarks/finetune.py on the 135M shape (launch-bound): localforge eager and
+#              compiled, and TRL
 # For example, with the device tool (carry .whl/a, then .whl/b):
-#   bash benchmarks/device/cuda.sh a tests attention qv planner
+#   bash benchmarks/device/cuda.sh a tests qv        (then: a options small, and b qv all)
 #   bash benchmarks/device/cuda.sh b qv all
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -50,11 +54,15 @@ for s in "$@"; do
                        --out "$out/json/attention-$set_.json" ;;
         qv|all) step "$s" 300 $bench --shape llama-1b --targets "$s" --contenders "$contenders" \
                     --out "$out/json/finetune-$s-$set_.json" ;;
+        options) step options 300 $bench --shape llama-1b --targets all \
+                     --contenders localforge-torch,localforge-torch-liger,localforge-torch-compile \
+                     --out "$out/json/finetune-options-$set_.json" ;;
         planner) step planner 300 python3 benchmarks/planner.py --device cuda --shape llama-1b --tokenizer bpe \
                      --out "$out/json/planner-$set_.json" ;;
-        small) step small 180 $bench --shape smollm2-135m --targets qv --contenders localforge-torch,trl \
+        small) step small 240 $bench --shape smollm2-135m --targets qv \
+                   --contenders localforge-torch,localforge-torch-compile,trl \
                    --out "$out/json/finetune-small-$set_.json" ;;
-        *) echo "cuda.sh: unknown step $s (tests, attention, qv, all, planner, small)"; exit 2 ;;
+        *) echo "cuda.sh: unknown step $s (tests, attention, qv, all, options, planner, small)"; exit 2 ;;
     esac
 done
 tar -czf "$out/results-$set_.tgz" -C "$out" json && rm -rf "$out/json"

@@ -53,7 +53,8 @@ def convert_gguf(gguf: Path, out: Path | None = None) -> Path:
         # terminal (the CLI shows one spinner for the whole load).
         with contextlib.redirect_stderr(io.StringIO()):
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), **_gguf_load_kwargs(kwargs))
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), **_gguf_load_kwargs(kwargs),
+                                                         **NO_HUB_KERNELS)
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         cfg_path = tmp / "config.json"
@@ -67,6 +68,14 @@ def convert_gguf(gguf: Path, out: Path | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+# Every model localforge loads through transformers: no kernels from the Hub. transformers 5
+# (with ``kernels``, which it requires) otherwise swaps layers such as RMSNorm and the rotary
+# embedding for kernels it downloads at load on CUDA, and again whenever ``train()``/``eval()``
+# change mode, which also drops kernels put in by the config (``kernels: liger``). What runs is
+# the config's choice, offline.
+NO_HUB_KERNELS = {"use_kernels": False}
 
 
 def quiet_transformers() -> None:

@@ -15,6 +15,19 @@ DEVICES = ("cuda", "metal", "mps", "cpu")  # what a HardwareProfile can offer (s
 
 
 @dataclass(frozen=True)
+class KernelSet:
+    """Kernels an engine can train with beyond its own (config ``kernels``), from a package of
+    their own: where they run, and for which model types (``config.json``'s ``model_type``)."""
+
+    requires: str  # the import name
+    package: str  # its distribution, as pip names it
+    extra: str  # the localforge extra that installs it
+    devices: tuple[str, ...]
+    model_types: frozenset[str]
+    replaces: str  # for people: what it takes over
+
+
+@dataclass(frozen=True)
 class EngineSpec:
     name: str  # what --backend takes
     label: str  # how people write it in a sentence: "MLX", "llama.cpp"
@@ -46,6 +59,10 @@ class EngineSpec:
     # takes the loss over the output head in chunks of ``training.chunk_rows`` tokens, so no step
     # holds the logits of more (the planner counts one chunk's)
     chunked_loss: bool = False
+    # kernel sets a config can ask for by name (``kernels: liger``); its own are ``native``
+    kernels: dict[str, KernelSet] = field(default_factory=dict)
+    # devices on which ``compile: true`` compiles each decoder layer (torch.compile)
+    compiles: tuple[str, ...] = ()
     grpo_reference_copy: bool = False  # GRPO's KL reference is a second copy of the weights even for LoRA
     runtime_bytes: dict[str, int] = field(default_factory=dict)  # per device: memory the runtime holds
     packages: tuple[str, ...] = ()  # distributions whose versions a run manifest records

@@ -139,6 +139,8 @@ class TrainSetup:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     threads: int | None = None
+    kernels: str = "native"  # or a kernel set of the engine's spec (``kernels``): liger
+    compile: bool = False  # each decoder layer through torch.compile
     grpo: GrpoSetup | None = None  # set for method grpo (``method`` then names the weights it updates)
 
 

@@ -124,6 +124,8 @@ class FinetuneConfig(BaseModel):
     gradient_checkpointing: bool | Auto = Field("auto", description="recompute activations to save memory; auto: when the plan needs it")
     mask_prompt: bool = Field(True, description="train on the completions only (the prompt's tokens get no loss)")
     packing: bool | Auto = Field("auto", description="pack several short rows into one sequence of max_seq_length, kept apart exactly; auto: where the engine keeps them apart for every model (torch)")
+    kernels: Literal["auto", "native", "liger"] = Field("auto", description="the training kernels: native (the engine's own), or liger (Liger's Triton RMSNorm, RoPE, SwiGLU and fused linear cross-entropy: torch on CUDA, Llama-like models, pip install 'localforge[cuda]'); auto: native")
+    compile: bool | Auto = Field("auto", description="compile each decoder layer with torch.compile (fuses the small operations between the matmuls, after a compile at the first steps of a start or resume; torch on CUDA or a CPU with a C++ compiler); auto: off")
     seed: Int = Field(0, ge=0, le=SEED_MAX, description="seeds the data order, the adapter's init and dropout")
     eval_every: Int = Field(50, ge=1, description="steps between validation losses (with valid rows)")
     eval_batches: Int | None = Field(None, ge=1, description="cap on validation batches per evaluation")

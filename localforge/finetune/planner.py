@@ -43,6 +43,7 @@ class ModelShape:
     linears: tuple[tuple[str, int, int], ...] = ()  # the blocks' linear layers: (path, in, out)
     file_bytes: int = 0  # the weights on disk (safetensors), read whole while the model loads
     file_dtype_bytes: int = 4  # bytes per weight on disk
+    model_type: str | None = None  # config.json's (llama, qwen2, ...)
 
     @property
     def head_dim(self) -> int:
@@ -86,7 +87,8 @@ class ModelShape:
                    layers=cfg["num_hidden_layers"], heads=cfg["num_attention_heads"],
                    kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
                    vocab=cfg["vocab_size"], tied_embeddings=cfg.get("tie_word_embeddings", False),
-                   context=cfg.get("max_position_embeddings"), **_weight_files(path))
+                   context=cfg.get("max_position_embeddings"), model_type=cfg.get("model_type"),
+                   **_weight_files(path))
 
 
 _IN_BLOCK = re.compile(r"^.*?\.(\d+)\.(.+)\.weight$")  # model.layers.3.self_attn.q_proj.weight
@@ -149,6 +151,8 @@ class Plan:
     reasons: list[str] = field(default_factory=list)
     num_generations: int | None = None  # method grpo: completions sampled per prompt
     max_completion_length: int | None = None  # method grpo: tokens per completion, at most
+    kernels: str = "native"  # the engine's own kernels, or a kernel set its spec names (liger)
+    compile: bool = False  # each decoder layer through torch.compile
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -205,6 +209,25 @@ def _packing(cfg: FinetuneConfig, engine: EngineSpec, reasons: list[str]) -> boo
     if engine.exact_packing:
         reasons.append(f"packing: {engine.label} keeps packed sequences apart exactly (no padding to compute)")
     return engine.exact_packing
+
+
+def _kernels(cfg: FinetuneConfig, engine: EngineSpec, reasons: list[str]) -> str:
+    # auto keeps the engine's own: on an H100 (1.07B Llama shape, LoRA q,v, seq 512) TRL with
+    # Liger's kernels ran at 0.95x plain TRL's tokens/s, so Liger is planned only once it is
+    # measured to pay inside this engine (benchmarks/finetune.py: localforge-torch-liger)
+    if cfg.kernels == "auto":
+        return "native"
+    if cfg.kernels in engine.kernels:
+        reasons.append(f"kernels: {cfg.kernels}'s for {engine.kernels[cfg.kernels].replaces}")
+    return cfg.kernels
+
+
+def _compile(cfg: FinetuneConfig, reasons: list[str]) -> bool:
+    # auto is off: on a CPU (2-core EPYC, SmolLM2-135M LoRA) compiling the layers took 63 s and
+    # gained 3% a step; where it pays on CUDA (small, launch-bound models) waits for a measurement
+    if cfg.compile is True:
+        reasons.append("compile: each decoder layer through torch.compile (compiled at the first steps)")
+    return cfg.compile is True
 
 
 def _budget(profile: HardwareProfile, device: str) -> int:
@@ -332,6 +355,7 @@ def plan(profile: HardwareProfile, shape: ModelShape, cfg: FinetuneConfig,
     device = _device(profile, engine)
     dtype = _dtype(profile, device, cfg, engine, reasons)
     packing = _packing(cfg, engine, reasons)
+    kernels, compiled = _kernels(cfg, engine, reasons), _compile(cfg, reasons)
     processes = cfg.num_processes
     if processes == "auto":
         several = device == "cuda" and engine.multi_process and cfg.method != "grpo"  # GRPO: one process
@@ -411,7 +435,7 @@ def plan(profile: HardwareProfile, shape: ModelShape, cfg: FinetuneConfig,
                 gradient_checkpointing=ckpt, predicted_peak_bytes=peak(batch, ckpt),
                 memory_budget_bytes=budget, processes=processes, packing=packing,
                 effective_batch=batch * processes * int(accum), reasons=reasons,
-                num_generations=generations, max_completion_length=completion)
+                num_generations=generations, max_completion_length=completion, kernels=kernels, compile=compiled)
 
 
 def model_problems(cfg: FinetuneConfig, shape: ModelShape) -> list[tuple[str, str]]:
@@ -435,6 +459,35 @@ def model_problems(cfg: FinetuneConfig, shape: ModelShape) -> list[tuple[str, st
     if shape.context and cfg.max_seq_length > shape.context:
         out.append(("max_seq_length", f"{cfg.max_seq_length} is more than the model's context of {shape.context} "
                                       f"tokens: give {shape.context} or less"))
+    return out
+
+
+def engine_problems(cfg: FinetuneConfig, p: Plan, shape: ModelShape) -> list[tuple[str, str]]:
+    """What in ``cfg`` the planned engine cannot do on the planned device, as (config key, what is
+    wrong): a kernel set it lacks, or one for another device or model type; compiling where it
+    does not compile, or for GRPO (whose sampling changes shapes at every token)."""
+    engine, out = spec(p.backend), []
+    if p.kernels != "native":
+        ks = engine.kernels.get(p.kernels)
+        if ks is None:
+            out.append(("kernels", f"{engine.label} has no {p.kernels} kernels: set kernels: auto"))
+        elif cfg.method == "grpo":
+            out.append(("kernels", f"{p.kernels} is for lora, dora and full runs (GRPO takes its loss through "
+                                   f"TRL): set kernels: auto"))
+        elif p.device not in ks.devices:
+            out.append(("kernels", f"{p.kernels}'s kernels run on {' or '.join(ks.devices)}, and this run trains "
+                                   f"on {p.device}: set kernels: auto"))
+        elif shape.model_type not in ks.model_types:
+            out.append(("kernels", f"{p.kernels} is wired here for {', '.join(sorted(ks.model_types))} models, and "
+                                   f"this one is {shape.model_type or 'of no model_type'}: set kernels: auto"))
+    if p.compile:
+        if p.device not in engine.compiles:
+            where = f"on {' or '.join(engine.compiles)}" if engine.compiles else "nowhere"
+            out.append(("compile", f"{engine.label} compiles {where}, and this run trains on {p.device}: "
+                                   f"set compile: auto"))
+        elif cfg.method == "grpo":
+            out.append(("compile", "GRPO samples its completions a token at a time, a new shape each time: "
+                                   "set compile: auto"))
     return out
 
 

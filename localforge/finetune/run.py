@@ -169,7 +169,7 @@ def prepare(config_path: str | Path | None, overrides: list[str] = (), flags: di
     """
     from localforge.backends import ensure_hf, installed, trainers
     from localforge.finetune.data import load_data
-    from localforge.finetune.planner import model_problems, over_budget, plan
+    from localforge.finetune.planner import engine_problems, model_problems, over_budget, plan
     from localforge.hardware import HardwareProfile
     from localforge.models import resolve
 
@@ -190,6 +190,8 @@ def prepare(config_path: str | Path | None, overrides: list[str] = (), flags: di
         longest = _check_rows(cfg, data, model_path)
     p = plan(HardwareProfile.detect(), shape, cfg, installed(trainers()), longest=longest)
     _method_installed(p.backend, cfg.method, config_path, overrides, flags)
+    for key, what in engine_problems(cfg, p, shape) + _toolchain_problems(p):
+        raise key_error(key, what, config_path, overrides, flags)
     too_big = over_budget(p, cfg)
     if too_big and not force:
         raise key_error(*too_big, config_path, overrides, flags)
@@ -211,6 +213,25 @@ def _method_installed(backend: str, method: str, config_path, overrides, flags) 
         raise key_error("method", f"{s.label} trains {method} through {dist.get(missing[0], missing[0])}, which is "
                                   f"not installed here: pip install 'localforge[{s.extra}]' (Python >= 3.11), "
                                   f"or choose another backend", config_path, overrides, flags)
+
+
+def _toolchain_problems(p: Plan) -> list[tuple[str, str]]:
+    """What the planned kernels and compiling need from this machine and it lacks, as (config key,
+    what is wrong): the kernel set's package, a C++ compiler for torch.compile on a CPU."""
+    from importlib.util import find_spec
+
+    from localforge.backends import spec
+
+    out, s = [], spec(p.backend)
+    ks = s.kernels.get(p.kernels)
+    if ks is not None and find_spec(ks.requires) is None:
+        out.append(("kernels", f"{p.kernels} needs {ks.package}, which is not installed here: pip install "
+                               f"'localforge[{ks.extra}]', or set kernels: auto"))
+    cxx = os.environ.get("CXX") or "g++"  # what torch's inductor builds its CPU kernels with
+    if p.compile and p.device == "cpu" and shutil.which(cxx) is None:
+        out.append(("compile", f"compiling on a CPU builds C++ kernels with {cxx}, which this machine lacks: "
+                               f"install it (or point $CXX at a compiler), or set compile: auto"))
+    return out
 
 
 def _grpo_data(cfg: FinetuneConfig):
@@ -270,7 +291,8 @@ def _as_run(cfg: FinetuneConfig, p: Plan) -> dict:
     """The config with every ``auto`` replaced by what the plan chose."""
     out = cfg.model_dump()
     out.update(backend=p.backend, batch_size=p.batch_size, grad_accum=p.grad_accum, dtype=p.dtype,
-               gradient_checkpointing=p.gradient_checkpointing, num_processes=p.processes, packing=p.packing)
+               gradient_checkpointing=p.gradient_checkpointing, num_processes=p.processes, packing=p.packing,
+               kernels=p.kernels, compile=p.compile)
     if p.lora_rank is not None:
         out["lora"].update(rank=p.lora_rank, layers=p.lora_layers)
     if cfg.method == "grpo":
@@ -361,7 +383,8 @@ def _setup(cfg: FinetuneConfig, model_path: str, rewards=None):
                       dropout=cfg.lora.dropout, targets=list(cfg.lora.targets),
                       layers=None if cfg.lora.layers in (None, "auto") else int(cfg.lora.layers),
                       dtype=cfg.dtype, gradient_checkpointing=bool(cfg.gradient_checkpointing), seed=cfg.seed,
-                      weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
+                      weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+                      kernels="native" if cfg.kernels == "auto" else cfg.kernels, compile=cfg.compile is True)
 
 
 class _Data(NamedTuple):

@@ -255,7 +255,22 @@ def test_the_flash_varlen_call_fits_each_torch_releases_signature(monkeypatch, k
     segments = np.array([[1] * 5 + [2] * 4 + [0] * 3, [1] * 9 + [0] * 3], np.int32)
     bounds = attention.sequence_bounds(segments, "cpu")
     cu = bounds["cu_seq_lens_q"]
-    want = attention._per_sequence(q, k, v, cu.tolist(), 0.0, 8**-0.5)
+    want = attention._per_sequence(q, k, v, cu, 0.0, 8**-0.5)
     got = attention._flash_varlen(q, k, v, cu, bounds["max_length_q"], 8**-0.5)
     assert got.shape == want.shape == (2, 12, 4, 8)
     assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_models_load_without_hub_kernels_so_the_engines_own_survive_a_mode_change(tiny_llama):
+    """transformers 5 would otherwise fetch kernels from the Hub (on CUDA) and re-kernelize at
+    every train()/eval() switch, which drops a forward bound onto a layer (how Liger's kernels go
+    in): the trainer's model says no hub kernels, and a bound forward outlives eval() and train()."""
+    t = trainer(tiny_llama)
+    base = t.model.get_base_model()
+    assert base.use_kernels is False
+    norm = base.model.norm
+    norm.forward = type(norm).forward.__get__(norm)  # an instance's own forward, as Liger binds it
+    bound = norm.__dict__["forward"]
+    t.model.eval()
+    t.model.train()
+    assert norm.__dict__.get("forward") is bound

@@ -64,6 +64,8 @@ CASES = [
     ("dtype", "int8", "dtype"),
     ("gradient_checkpointing", "maybe", "gradient_checkpointing"),
     ("mask_prompt", "maybe", "mask_prompt"), ("packing", "2", "packing"),
+    ("kernels", "fast", "kernels"), ("kernels", "liger", "kernels"),  # liger: CUDA only (no GPU here)
+    ("compile", "maybe", "compile"),
     ("seed", "-1", "seed"), ("seed", "4294967296", "seed"),
     ("eval_every", "0", "eval_every"), ("eval_batches", "0", "eval_batches"), ("save_every", "0", "save_every"),
     ("keep_checkpoints", "0", "keep_checkpoints"),

@@ -1,6 +1,7 @@
 """Fine-tuning and generation on an NVIDIA GPU: bf16 training, packed = unpacked loss (bf16 and
-fp32), packed attention (FlashAttention varlen) = the masked SDPA, exact resume, half-precision generation, the manifest's GPU memory, and the allocator
-setting torch gets from localforge.
+fp32), packed attention (FlashAttention varlen) = the masked SDPA, exact resume, Liger's kernels
+and compiled layers = the eager kernels' losses, half-precision generation, the manifest's GPU
+memory, and the allocator setting torch gets from localforge.
 
 The device machine has neither network nor the bundled model, so every CUDA test builds its own
 random Llama (``make_offline_llama``: its own byte-level BPE trained on arithmetic sentences, a
@@ -223,6 +224,58 @@ def test_the_manifest_records_gpu_memory_on_cuda(tmp_path, monkeypatch):
     assert nvml is None or (isinstance(nvml, int) and not isinstance(nvml, bool) and nvml > 0), memory
     ratio = memory["predicted_peak_bytes"] / memory["peak_reserved_bytes"]
     assert 1 / 3 <= ratio <= 3, (ratio, memory)
+
+
+def _native_then(tmp_path, override: str, steps: int = 6) -> tuple[list[float], list[float], dict]:
+    """The offline project, packed, in half precision, LoRA on every linear layer: ``steps``
+    losses with the engine's own eager kernels, then with ``override``; and the second manifest."""
+    cfg = offline_project(tmp_path, ARITH, steps=steps, batch_size=4, grad_accum=1, packing=True)
+    runs = []
+    for extra in ([], [override]):
+        run, _ = start(cfg, [f"output_dir=runs/{len(runs)}", *extra])
+        manifest = train(run.path)
+        assert manifest["status"] == "completed" and manifest["plan"]["device"] == "cuda"
+        runs.append(([r["loss"] for r in metrics(run.path)], manifest))
+    (native, _), (other, manifest) = runs
+    assert len(native) == len(other) == steps and native[-1] < native[0]
+    return native, other, manifest
+
+
+@pytest.mark.cuda
+def test_liger_kernels_train_the_native_losses_on_cuda(tmp_path, monkeypatch):
+    """kernels: liger (Liger's RMSNorm, rotary, SwiGLU and fused linear cross-entropy): the
+    losses of the engine's own kernels within bf16's noise, Liger's norms really in the model,
+    and transformers' classes back afterwards (the rotary function is the one swap that stays)."""
+    _cuda()
+    pytest.importorskip("liger_kernel", reason="liger-kernel is not installed (pip install 'localforge[cuda]')")
+    from transformers.models.llama import modeling_llama
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("LlamaRMSNorm", "LlamaMLP", "apply_rotary_pos_emb"):  # put back after the test
+        monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))
+    native, liger, manifest = _native_then(tmp_path, "kernels=liger")
+    assert manifest["plan"]["kernels"] == "liger" and manifest["config"]["kernels"] == "liger"
+    assert modeling_llama.apply_rotary_pos_emb.__module__.startswith("liger_kernel")
+    assert modeling_llama.LlamaRMSNorm.__module__.startswith("transformers")
+    assert liger == pytest.approx(native, rel=3e-2)
+
+
+@pytest.mark.cuda
+def test_compiled_layers_train_the_eager_losses_on_cuda(tmp_path, monkeypatch):
+    """compile: true on a GPU: packed rows through FlashAttention's variable-length kernel (left
+    out of the graphs) and the rest of each layer compiled; the eager losses within bf16's noise."""
+    torch = _cuda()
+    from torch._dynamo.utils import counters
+
+    monkeypatch.chdir(tmp_path)
+    counters.clear()
+    try:
+        native, compiled, manifest = _native_then(tmp_path, "compile=true")
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert manifest["plan"]["compile"] is True and graphs > 0
+    assert compiled == pytest.approx(native, rel=3e-2)
 
 
 NO_CONF = {"PYTORCH_CUDA_ALLOC_CONF": None, "PYTORCH_ALLOC_CONF": None}

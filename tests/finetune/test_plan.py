@@ -9,7 +9,7 @@ import pytest
 from localforge.errors import ConfigError
 from localforge.finetune.config import load_config
 from localforge.finetune.data import load_data
-from localforge.finetune.planner import ModelShape, plan, predict_peak
+from localforge.finetune.planner import ModelShape, engine_problems, plan, predict_peak
 from localforge.hardware import examples
 from tests.helpers import run_cli
 
@@ -128,6 +128,37 @@ def test_packing_auto_packs_where_the_engine_keeps_sequences_apart(project):
     assert plan(laptop, SMOL, load_config(project / "config.yaml", ["backend=mlx"])).packing is False
     assert plan(laptop, SMOL, load_config(project / "config.yaml", ["backend=mlx", "packing=true"])).packing is True
     assert plan(laptop, SMOL, load_config(project / "config.yaml", ["packing=false"])).packing is False
+
+
+def test_kernels_and_compile_are_the_engines_own_unless_asked_and_refused_where_they_cannot_run(project):
+    """auto keeps torch's kernels and eager layers everywhere; liger is planned where asked and
+    refused (naming the key) off CUDA, on a model type it is not wired for, for GRPO or on an
+    engine without it; compile runs on torch's CUDA and CPU, not on MLX and not for GRPO."""
+    h100, laptop = examples()["1x-h100-80gb"], examples()["cpu-laptop-16gb"]
+    llama = ModelShape(**{**SMOL.__dict__, "model_type": "llama"})
+
+    def problems(machine, *overrides, shape=llama):
+        cfg = load_config(project / "config.yaml", list(overrides))
+        p = plan(examples()[machine] if isinstance(machine, str) else machine, shape, cfg)
+        return p, engine_problems(cfg, p, shape)
+
+    for machine in (h100, laptop):
+        p, found = problems(machine)
+        assert (p.kernels, p.compile, found) == ("native", False, [])
+    p, found = problems(h100, "kernels=liger", "compile=true")
+    assert (p.kernels, p.compile, found) == ("liger", True, [])
+    assert any("liger" in r and "RMSNorm" in r for r in p.reasons) and any("compile" in r for r in p.reasons)
+    assert problems(laptop, "compile=true")[1] == []
+    for machine, overrides, shape, want in [
+        (laptop, ["kernels=liger"], llama, "liger's kernels run on cuda, and this run trains on cpu"),
+        (h100, ["kernels=liger"], ModelShape(**{**SMOL.__dict__, "model_type": "gemma2"}), "this one is gemma2"),
+        (h100, ["kernels=liger", "method=grpo"], llama, "GRPO takes its loss through TRL"),
+        (laptop, ["kernels=liger", "backend=mlx"], llama, "MLX has no liger kernels"),
+        (laptop, ["compile=true", "backend=mlx"], llama, "MLX compiles nowhere"),
+        (h100, ["compile=true", "method=grpo"], llama, "a new shape each time"),
+    ]:
+        (key, what), = problems(machine, *overrides, shape=shape)[1]
+        assert key == overrides[0].partition("=")[0] and want in what and what.endswith(": set " + key + ": auto")
 
 
 def test_unpacked_batches_are_sized_by_the_longest_row(project):

@@ -3,7 +3,7 @@ merging an adapter into its base (``fuse.py``). This file only declares the engi
 
 import os
 
-from localforge.backends.spec import EngineSpec, MiB
+from localforge.backends.spec import EngineSpec, KernelSet, MiB
 
 EXPANDABLE = "expandable_segments:True"
 
@@ -26,6 +26,14 @@ SPECS = (
         trainer="localforge.backends.torch.train:TorchTrainer", methods=("lora", "dora", "full", "grpo"),
         method_requires={"grpo": ("trl",)}, method_packages={"grpo": ("trl",)},
         multi_process=True, cpu_bf16=True, exact_packing=True, chunked_loss=True,
+        # Liger's Triton kernels for the architectures whose loss the trainer takes off the
+        # decoder's hidden states (training.PLAIN_HEADS), where its fused linear cross-entropy
+        # stands in for the chunked one
+        kernels={"liger": KernelSet(
+            requires="liger_kernel", package="liger-kernel", extra="cuda", devices=("cuda",),
+            model_types=frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3"}),
+            replaces="RMSNorm, RoPE, SwiGLU and the loss over the output head")},
+        compiles=("cuda", "cpu"),  # inductor: Triton on CUDA, a C++ compiler on a CPU
         # measured: the CPU runtime of a training process holds 455 MiB before the model loads
         runtime_bytes={"cpu": 455 * MiB, "cuda": 600 * MiB, "mps": 400 * MiB},
         packages=("torch", "transformers", "peft", "accelerate", "numpy"),

@@ -74,9 +74,11 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     if not query.is_cuda and query.shape[2] >= CPU_PER_SEQUENCE_FROM:
-        return _per_sequence(query, key, value, cu.tolist(), dropout, scaling), None
-    if query.is_cuda and flash_varlen_applies(query, dropout, scaling):
-        return _flash_varlen(query, key, value, cu, kwargs["max_length_q"], scaling), None
+        return _per_sequence(query, key, value, cu, dropout, scaling), None
+    if query.is_cuda:
+        out = _flash_varlen_or_none(query, key, value, cu, kwargs["max_length_q"], dropout, scaling)
+        if out is not None:
+            return out, None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   **kwargs)  # short CPU rows, or a GPU or dtype FlashAttention lacks: masked
 
@@ -93,8 +95,20 @@ def flash_varlen_applies(query, dropout: float = 0.0, scaling: float | None = No
     return "scale" in _varlen()[1] or scaling is None or abs(scaling * dim**0.5 - 1.0) < 1e-6
 
 
-def _per_sequence(query, key, value, cu: list[int], dropout: float, scaling):
+# Both exact paths stay out of torch.compile's graphs (config ``compile``): one reads the bounds
+# on the host, the other is a kernel of its own; the rest of each layer compiles around them.
+@torch.compiler.disable
+def _flash_varlen_or_none(query, key, value, cu, longest: int, dropout: float, scaling):
+    """FlashAttention's variable-length output where its kernel takes this query, else None."""
+    if not flash_varlen_applies(query, dropout, scaling):
+        return None
+    return _flash_varlen(query, key, value, cu, longest, scaling)
+
+
+@torch.compiler.disable
+def _per_sequence(query, key, value, cu, dropout: float, scaling):
     """Causal SDPA on each sequence's own slice, the rows put back together."""
+    cu = cu.tolist()
     batch, heads, width, dim = query.shape
     gqa = key.shape[1] != heads
     rows = [[] for _ in range(batch)]

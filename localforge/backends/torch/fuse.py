@@ -35,7 +35,7 @@ def quiet_peft():
 def fuse(adapter: str | Path, out: str | Path, base: str | None = None) -> Path:
     """Merge ``adapter`` into its base model; write a plain HF folder (config, safetensors
     weights in the base's dtype, tokenizer files) at ``out``. Tied embeddings stay tied."""
-    from localforge.backends.hf import ensure_hf, quiet_transformers
+    from localforge.backends.hf import NO_HUB_KERNELS, ensure_hf, quiet_transformers
 
     adapter, out = Path(adapter), Path(out)
     fmt = detect(adapter)
@@ -57,7 +57,7 @@ def fuse(adapter: str | Path, out: str | Path, base: str | None = None) -> Path:
     quiet_transformers()
     with tempfile.TemporaryDirectory() as tmp:
         peft_dir = adapter if fmt == "peft" else convert(adapter, "peft", Path(tmp) / "peft", str(base_dir))
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, **NO_HUB_KERNELS)
         tied = bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
         names = read_safetensors(peft_dir / WEIGHTS["peft"])[0]
         touched = [n for n in names if tied and re.search(r"(^|\.)(lm_head|embed_tokens)\.", n)]

@@ -6,7 +6,7 @@ from collections.abc import Generator
 from typing import Any
 
 from localforge.backends.base import Backend
-from localforge.backends.hf import ensure_hf, quiet_transformers
+from localforge.backends.hf import NO_HUB_KERNELS, ensure_hf, quiet_transformers
 from localforge.backends.torch import prefer_expandable_segments
 from localforge.backends.types import (
     BackendUnavailable,
@@ -111,7 +111,7 @@ class TorchBackend(Backend):
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, **NO_HUB_KERNELS).to(self.device).eval()
         if adapter:
             try:
                 from peft import PeftModel

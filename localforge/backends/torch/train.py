@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from localforge.backends.hf import load_tokenizer, quiet_transformers
+from localforge.backends.hf import NO_HUB_KERNELS, load_tokenizer, quiet_transformers
 from localforge.backends.torch import prefer_expandable_segments
 from localforge.backends.torch.generate import pick_device, pick_dtype
 from localforge.backends.training import (
@@ -41,6 +41,7 @@ prefer_expandable_segments()  # before torch starts its CUDA allocator
 import torch  # noqa: E402
 
 from localforge.backends.torch.attention import sequence_bounds, use_packed_attention  # noqa: E402
+from localforge.backends.torch.kernels import apply_liger, compile_layers, liger_linear_cross_entropy  # noqa: E402
 
 
 class TorchTrainer:
@@ -68,7 +69,11 @@ class TorchTrainer:
         # held in bf16, since nothing updates it
         self.autocast = setup.dtype == "bf16"
         load_dtype = torch.float32 if self.autocast and setup.method == "full" else pick_dtype(str(self.device), setup.dtype)
-        model = AutoModelForCausalLM.from_pretrained(setup.model_path, dtype=load_dtype)
+        model = AutoModelForCausalLM.from_pretrained(setup.model_path, dtype=load_dtype, **NO_HUB_KERNELS)
+        if setup.kernels == "liger":
+            apply_liger(model)
+        elif setup.kernels != "native":
+            raise ConfigError(f"config key 'kernels': torch has no {setup.kernels} kernels: set kernels: auto")
         self.packed_attention = use_packed_attention(model)  # packed rows: each sequence attends alone
         if setup.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -76,11 +81,13 @@ class TorchTrainer:
         if setup.method != "full":
             model = self._with_lora(model)
         self.model = model.to(self.device).train()
+        if setup.compile:
+            compile_layers(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.trainable_params = sum(p.numel() for p in self.params)
         self.total_params = sum(p.numel() for p in self.model.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=0.0, weight_decay=setup.weight_decay)
-        self.loss = LearnedTokenLoss(self.model)
+        self.loss = LearnedTokenLoss(self.model, liger=setup.kernels == "liger")
         self.wrapped = self.loss  # what training calls: under DDP the wrapper, evaluation keeps the bare module
         if self.accelerator:
             self.wrapped, self.optimizer = self.accelerator.prepare(self.loss, self.optimizer)
@@ -256,9 +263,10 @@ class TorchTrainer:
 class LearnedTokenLoss(torch.nn.Module):
     """Summed cross-entropy over the learned tokens, with logits for those tokens only (see PLAIN_HEADS)."""
 
-    def __init__(self, model):
+    def __init__(self, model, liger: bool = False):
         super().__init__()
         self.model = model
+        self.head_loss = liger_linear_cross_entropy if liger else ChunkedLinearCrossEntropy.apply
         self.plain = getattr(self._base().config, "model_type", None) in PLAIN_HEADS
 
     def _base(self):
@@ -271,7 +279,7 @@ class LearnedTokenLoss(torch.nn.Module):
             hidden = hidden.flatten(0, 1).index_select(0, where)
             head = base.get_output_embeddings()
             if type(head) is torch.nn.Linear and head.bias is None:  # not wrapped by an adapter
-                return ChunkedLinearCrossEntropy.apply(hidden, head.weight, targets)
+                return self.head_loss(hidden, head.weight, targets)
             logits = head(hidden)
         else:
             logits = self.model(input_ids=input_ids, use_cache=False, **kwargs).logits

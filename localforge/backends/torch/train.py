@@ -41,7 +41,11 @@ prefer_expandable_segments()  # before torch starts its CUDA allocator
 import torch  # noqa: E402
 
 from localforge.backends.torch.attention import sequence_bounds, use_packed_attention  # noqa: E402
-from localforge.backends.torch.kernels import apply_liger, compile_layers, liger_linear_cross_entropy  # noqa: E402
+from localforge.backends.torch.kernels import (  # noqa: E402
+    apply_liger,
+    compile_layers,
+    liger_linear_cross_entropy,
+)
 
 
 class TorchTrainer:

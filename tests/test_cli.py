@@ -20,6 +20,9 @@ def test_doctor_json_has_the_documented_keys():
         assert data["backends"][name]["available"] is True, data["backends"][name]
         assert isinstance(data["backends"][name]["reason"], str)
     assert data["recommended_backend"] in data["backends"]
+    # the kernel sets a config can name, and whether they are installed (liger-kernel is not, here)
+    assert data["backends"]["torch"]["kernels"] == {"liger": "needs liger-kernel: pip install 'localforge[cuda]' (cuda)"}
+    assert data["backends"]["torch"]["compiles_on"] == ["cuda", "cpu"] and data["backends"]["mlx"]["kernels"] == {}
     for acc in data["accelerators"]:
         assert set(acc) >= {"kind", "name", "memory_bytes"}
 

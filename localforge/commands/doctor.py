@@ -42,7 +42,8 @@ def report() -> dict[str, Any]:
         missing = _methods_missing(spec)
         backends[name] = {"available": ok, "reason": reason, "runs_on": spec.runs_on, "extra": spec.extra,
                           "trains": [m for m in spec.methods if m not in missing], "multi_process": spec.multi_process,
-                          "loads_adapters": spec.adapters, "methods_missing": missing}
+                          "loads_adapters": spec.adapters, "methods_missing": missing,
+                          "kernels": _kernel_sets(spec), "compiles_on": list(spec.compiles)}
     available = {n: b["available"] for n, b in backends.items()}
     recommended = trainer = None
     try:
@@ -86,6 +87,15 @@ def _methods_missing(spec) -> dict[str, str]:
     return out
 
 
+def _kernel_sets(spec) -> dict[str, str]:
+    """The kernel sets a config may ask the engine for (``kernels: NAME``): name -> ready, or what to install."""
+    from importlib.util import find_spec
+
+    return {name: (f"ready ({', '.join(ks.devices)})" if find_spec(ks.requires) is not None else
+                   f"needs {ks.package}: pip install 'localforge[{ks.extra}]' ({', '.join(ks.devices)})")
+            for name, ks in spec.kernels.items()}
+
+
 def _gib(n: int) -> str:
     return f"{n / 1024**3:.1f} GiB"
 
@@ -117,6 +127,7 @@ def render(data: dict[str, Any]) -> None:
         mark = "[green]yes[/]" if b["available"] else "[red]no[/]"
         trains = ", ".join(b["trains"]) + (" (several processes)" if b["multi_process"] else "") if b["trains"] else "-"
         trains += "".join(f"; not {m}: {why}" for m, why in b.get("methods_missing", {}).items())
+        trains += "".join(f"; kernels {k}: {state}" for k, state in b.get("kernels", {}).items())
         be.add_row(name, mark, escape(b["runs_on"]), escape(trains), escape(b["reason"]))
     console.print(be)
     console.print(f"recommended backend: [bold]{data['recommended_backend'] or 'none'}[/]")

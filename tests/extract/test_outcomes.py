@@ -49,7 +49,7 @@ def test_a_document_whose_every_chunk_was_rejected_fails(llama_server, tmp_path)
     """max_tokens=1 cuts every answer: no chunk yields JSON, so the document is failed, not done,
     and a re-run tries it again."""
     doc = tmp_path / "phones.md"
-    doc.write_text("# Phones\n\n" + " ".join(f"The Nokia {3000 + i} weighs {100 + i} g." for i in range(60)))
+    doc.write_text("# Phones\n\n" + " ".join(f"The Nokia {3000 + i} weighs {100 + i} g." for i in range(30)))
     out = tmp_path / "out.jsonl"
     args = ["extract", str(doc), "-o", str(out), "--fields", "name:str, weight:str", "--backend", "openai",
             "--model", ALIAS, "--base-url", llama_server.url, "--no-cache", "--chunk-size", "128",

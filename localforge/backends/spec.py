@@ -26,6 +26,11 @@ class KernelSet:
     model_types: frozenset[str]
     replaces: str  # for people: what it takes over
 
+    @property
+    def install(self) -> str:
+        """What to run where it is missing."""
+        return f"pip install 'localforge[{self.extra}]'"
+
 
 @dataclass(frozen=True)
 class EngineSpec:

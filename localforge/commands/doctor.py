@@ -92,7 +92,7 @@ def _kernel_sets(spec) -> dict[str, str]:
     from importlib.util import find_spec
 
     return {name: (f"ready ({', '.join(ks.devices)})" if find_spec(ks.requires) is not None else
-                   f"needs {ks.package}: pip install 'localforge[{ks.extra}]' ({', '.join(ks.devices)})")
+                   f"needs {ks.package}: {ks.install} ({', '.join(ks.devices)})")
             for name, ks in spec.kernels.items()}
 
 

@@ -225,8 +225,8 @@ def _toolchain_problems(p: Plan) -> list[tuple[str, str]]:
     out, s = [], spec(p.backend)
     ks = s.kernels.get(p.kernels)
     if ks is not None and find_spec(ks.requires) is None:
-        out.append(("kernels", f"{p.kernels} needs {ks.package}, which is not installed here: pip install "
-                               f"'localforge[{ks.extra}]', or set kernels: auto"))
+        out.append(("kernels", f"{p.kernels} needs {ks.package}, which is not installed here: {ks.install}, "
+                               f"or set kernels: auto"))
     cxx = os.environ.get("CXX") or "g++"  # what torch's inductor builds its CPU kernels with
     if p.compile and p.device == "cpu" and shutil.which(cxx) is None:
         out.append(("compile", f"compiling on a CPU builds C++ kernels with {cxx}, which this machine lacks: "

@@ -77,3 +77,21 @@ def test_what_the_machine_lacks_for_kernels_or_compiling_is_one_line_and_no_run(
         code, _, err = cli_main(monkeypatch, capsys, "finetune", cfg, override)
         assert_one_line(code, err, 1, f"config key '{named}'", why, f"set {named}: auto")
         assert not (tmp_path / "runs").exists()
+
+
+def test_a_gpu_without_liger_kernel_is_told_what_to_install():
+    """On a CUDA plan (this machine has none, so the plan is built by hand) ``kernels: liger``
+    with liger-kernel missing names the package and the extra; the engine's own kernels need nothing."""
+    from importlib.util import find_spec
+
+    from localforge.finetune.planner import Plan
+    from localforge.finetune.run import _toolchain_problems
+
+    if find_spec("liger_kernel") is not None:
+        pytest.skip("liger-kernel is installed here")
+    base = {"backend": "torch", "device": "cuda", "dtype": "bf16", "batch_size": 8, "grad_accum": 2, "lora_rank": 8,
+            "lora_layers": 2, "gradient_checkpointing": False, "predicted_peak_bytes": 1, "memory_budget_bytes": 2}
+    assert _toolchain_problems(Plan(**base, kernels="liger")) == [
+        ("kernels", "liger needs liger-kernel, which is not installed here: pip install 'localforge[cuda]', "
+                    "or set kernels: auto")]
+    assert _toolchain_problems(Plan(**base)) == []

@@ -335,7 +335,15 @@ def reopen(run_dir: str | Path, overrides: list[str] = ()) -> tuple[RunDir, Plan
     cfg = load_config(run.config, overrides)
     info = _read_json(run.info)
     if overrides:
-        for key, what in model_problems(cfg, ModelShape.from_hf_config(info["model_path"])):
+        from dataclasses import replace
+
+        from localforge.finetune.planner import engine_problems
+
+        shape = ModelShape.from_hf_config(info["model_path"])
+        # the kernels and compiling an override asks for, on the engine and device the run has
+        asked = replace(Plan(**info["plan"]), kernels="native" if cfg.kernels == "auto" else cfg.kernels,
+                        compile=cfg.compile is True)
+        for key, what in model_problems(cfg, shape) + engine_problems(cfg, asked, shape) + _toolchain_problems(asked):
             raise key_error(key, what, run.config, overrides)
     for split, f in info["data_files"].items():
         if not Path(f["path"]).exists() or sha256_file(f["path"]) != f["sha256"]:

@@ -95,3 +95,19 @@ def test_a_gpu_without_liger_kernel_is_told_what_to_install():
         ("kernels", "liger needs liger-kernel, which is not installed here: pip install 'localforge[cuda]', "
                     "or set kernels: auto")]
     assert _toolchain_problems(Plan(**base)) == []
+
+
+def test_a_resume_override_asking_for_kernels_the_run_cannot_have_is_refused(tmp_path, monkeypatch, capsys,
+                                                                            tiny_llama):
+    """``finetune resume RUN kernels=liger`` on a CPU run, and ``compile=true`` without the C++
+    compiler: one line naming the override, and the run folder as it was (its config unchanged)."""
+    monkeypatch.chdir(tmp_path)
+    run, _ = start(_project(tmp_path, tiny_llama), ["steps=2", "output_dir=runs/r"])
+    assert train(run.path)["status"] == "completed"
+    before = (run.path / "config.yaml").read_text()
+    monkeypatch.setenv("CXX", "no-such-c++-compiler")
+    for override, why in [("kernels=liger", "run on cuda, and this run trains on cpu"),
+                          ("compile=true", "no-such-c++-compiler, which this machine lacks")]:
+        code, _, err = cli_main(monkeypatch, capsys, "finetune", "resume", str(run.path), "steps=4", override)
+        assert_one_line(code, err, 1, f"override '{override}'", why)
+        assert (run.path / "config.yaml").read_text() == before

@@ -106,7 +106,8 @@ def _plan_table(cfg, shape_params: int, p, data, stderr: bool = False) -> None:
     t = Table(title=f"fine-tuning plan: {cfg.model} ({shape_params / 1e6:.0f}M parameters), {cfg.method}",
               show_header=False)
     for key in ("backend", "device", "dtype", "batch_size", "grad_accum", "lora_rank", "lora_layers",
-                "gradient_checkpointing", "processes", "num_generations", "max_completion_length"):
+                "gradient_checkpointing", "packing", "kernels", "compile", "processes", "num_generations",
+                "max_completion_length"):
         if getattr(p, key) is not None or key in ("lora_rank", "lora_layers"):
             t.add_row(key, str(getattr(p, key)))
     t.add_row("predicted peak", f"{p.predicted_peak_bytes / 1024**3:.2f} GiB of a {p.memory_budget_bytes / 1024**3:.1f} GiB budget")

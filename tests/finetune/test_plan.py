@@ -215,7 +215,8 @@ def test_dry_run_json(project, smol):
     out = run_cli("finetune", str(project / "config.yaml"), "--dry-run", "--json", "max_seq_length=256")
     assert out.returncode == 0, out.stderr
     p = json.loads(out.stdout)
-    for key in ("backend", "dtype", "batch_size", "grad_accum", "gradient_checkpointing", "predicted_peak_bytes"):
+    for key in ("backend", "dtype", "batch_size", "grad_accum", "gradient_checkpointing", "predicted_peak_bytes",
+                "packing", "kernels", "compile"):
         assert key in p
     assert p["data"] == {"train": 2, "valid": 1} and p["model_params"] == SMOL.params
     bad = run_cli("finetune", str(project / "config.yaml"), "--dry-run", "method=qlora")

@@ -211,25 +211,34 @@ def _packing(cfg: FinetuneConfig, engine: EngineSpec, reasons: list[str]) -> boo
     return engine.exact_packing
 
 
+def planned_kernels(cfg: FinetuneConfig) -> str:
+    """The kernels ``cfg`` trains with: auto keeps the engine's own. On an H100 (1.07B Llama
+    shape, LoRA q,v, seq 512) TRL with Liger's kernels ran at 0.95x plain TRL's tokens/s, so
+    Liger is planned only once it is measured to pay inside this engine (benchmarks/finetune.py:
+    localforge-torch-liger)."""
+    return "native" if cfg.kernels == "auto" else cfg.kernels
+
+
+def planned_compile(cfg: FinetuneConfig) -> bool:
+    """Whether ``cfg`` compiles its layers: auto is off. On 2-core CPUs (SmolLM2-135M LoRA, fp32,
+    batch 2 x 256) compiled layers ran at 1.03x (AMD EPYC, after 63 s of compiling) and
+    1.07-1.15x (Intel Xeon, 31 s the first time, 7 s from inductor's cache) the eager tokens/s,
+    which a run of a hundred steps barely repays; where it pays on CUDA (small, launch-bound
+    models) waits for a measurement on a card."""
+    return cfg.compile is True
+
+
 def _kernels(cfg: FinetuneConfig, engine: EngineSpec, reasons: list[str]) -> str:
-    # auto keeps the engine's own: on an H100 (1.07B Llama shape, LoRA q,v, seq 512) TRL with
-    # Liger's kernels ran at 0.95x plain TRL's tokens/s, so Liger is planned only once it is
-    # measured to pay inside this engine (benchmarks/finetune.py: localforge-torch-liger)
-    if cfg.kernels == "auto":
-        return "native"
-    if cfg.kernels in engine.kernels:
-        reasons.append(f"kernels: {cfg.kernels}'s for {engine.kernels[cfg.kernels].replaces}")
-    return cfg.kernels
+    kernels = planned_kernels(cfg)
+    if kernels in engine.kernels:
+        reasons.append(f"kernels: {kernels}'s for {engine.kernels[kernels].replaces}")
+    return kernels
 
 
 def _compile(cfg: FinetuneConfig, reasons: list[str]) -> bool:
-    # auto is off: on 2-core CPUs (SmolLM2-135M LoRA, fp32, batch 2 x 256) compiled layers ran at
-    # 1.03x (AMD EPYC, after 63 s of compiling) and 1.07-1.15x (Intel Xeon, 31 s the first time,
-    # 7 s from inductor's cache) the eager tokens/s, which a run of a hundred steps barely repays;
-    # where it pays on CUDA (small, launch-bound models) waits for a measurement on a card
-    if cfg.compile is True:
+    if planned_compile(cfg):
         reasons.append("compile: each decoder layer through torch.compile (compiled at the first steps)")
-    return cfg.compile is True
+    return planned_compile(cfg)
 
 
 def _budget(profile: HardwareProfile, device: str) -> int:

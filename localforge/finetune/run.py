@@ -37,7 +37,14 @@ from localforge.backends.training import CorruptCheckpoint
 from localforge.errors import ConfigError, LocalforgeError
 from localforge.files import sha256_file
 from localforge.finetune.config import FinetuneConfig, load_config
-from localforge.finetune.planner import ModelShape, Plan, model_problems
+from localforge.finetune.planner import (
+    ModelShape,
+    Plan,
+    engine_problems,
+    model_problems,
+    planned_compile,
+    planned_kernels,
+)
 from localforge.finetune.report import (
     final_metrics,
     peak_rss_bytes,
@@ -169,7 +176,7 @@ def prepare(config_path: str | Path | None, overrides: list[str] = (), flags: di
     """
     from localforge.backends import ensure_hf, installed, trainers
     from localforge.finetune.data import load_data
-    from localforge.finetune.planner import engine_problems, model_problems, over_budget, plan
+    from localforge.finetune.planner import over_budget, plan
     from localforge.hardware import HardwareProfile
     from localforge.models import resolve
 
@@ -337,12 +344,9 @@ def reopen(run_dir: str | Path, overrides: list[str] = ()) -> tuple[RunDir, Plan
     if overrides:
         from dataclasses import replace
 
-        from localforge.finetune.planner import engine_problems
-
         shape = ModelShape.from_hf_config(info["model_path"])
         # the kernels and compiling an override asks for, on the engine and device the run has
-        asked = replace(Plan(**info["plan"]), kernels="native" if cfg.kernels == "auto" else cfg.kernels,
-                        compile=cfg.compile is True)
+        asked = replace(Plan(**info["plan"]), kernels=planned_kernels(cfg), compile=planned_compile(cfg))
         for key, what in model_problems(cfg, shape) + engine_problems(cfg, asked, shape) + _toolchain_problems(asked):
             raise key_error(key, what, run.config, overrides)
     for split, f in info["data_files"].items():
@@ -392,7 +396,7 @@ def _setup(cfg: FinetuneConfig, model_path: str, rewards=None):
                       layers=None if cfg.lora.layers in (None, "auto") else int(cfg.lora.layers),
                       dtype=cfg.dtype, gradient_checkpointing=bool(cfg.gradient_checkpointing), seed=cfg.seed,
                       weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-                      kernels="native" if cfg.kernels == "auto" else cfg.kernels, compile=cfg.compile is True)
+                      kernels=planned_kernels(cfg), compile=planned_compile(cfg))
 
 
 class _Data(NamedTuple):

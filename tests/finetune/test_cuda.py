@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from localforge.finetune.report import read_metrics
 from localforge.finetune.run import TrainingInterrupted, start, train
 from tests.helpers import (
     assert_same_loss_and_grads,
@@ -78,8 +79,7 @@ def offline_project(tmp_path: Path, rows: list[dict], *, hidden: int = 256, laye
 
 def metrics(run_dir: Path) -> list[dict]:
     """The per-step rows of metrics.jsonl (evaluation rows left out)."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "loss" in r]
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
 
 
 def _half(torch) -> str:

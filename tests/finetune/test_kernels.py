@@ -6,11 +6,10 @@ planner's side (auto, and refusals per device, engine and model) is in test_plan
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import yaml
 
+from localforge.finetune.report import read_metrics
 from localforge.finetune.run import TrainingInterrupted, start, train
 from tests.helpers import TRAIN_ROWS, assert_one_line, cli_main, write_jsonl
 
@@ -29,8 +28,7 @@ def _project(tmp_path, model: str) -> str:
 
 
 def _losses(run) -> list[float]:
-    rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
+    return [r["loss"] for r in read_metrics(run.path / "metrics.jsonl") if "loss" in r]
 
 
 def test_compiled_layers_train_the_eager_losses_and_resume_on_the_cpu(tmp_path, monkeypatch, tiny_llama):
